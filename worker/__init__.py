@@ -1,0 +1,1 @@
+"""The GPU service: Celery task, batcher, samplers, model registry, storage, webhooks."""

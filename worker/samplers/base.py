@@ -1,0 +1,71 @@
+"""What every sampler shares: the per-image inputs of a batch and the seeding rule."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to generate. A job with num_images=n contributes n samples with seeds seed..seed+n-1."""
+
+    prompt: str
+    negative_prompt: str | None
+    guidance_scale: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What every sample of one batch has in common."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+
+
+def cpu_generators(samples: list[Sample]) -> list[torch.Generator]:
+    # The contract: image k of a job comes from torch.Generator("cpu").manual_seed(seed + k), on any device.
+    return [torch.Generator("cpu").manual_seed(sample.seed) for sample in samples]
+
+
+def fresh_scheduler(pipeline):
+    """A scheduler of the pipeline's own class and config; schedulers hold per-run state."""
+    return pipeline.scheduler.__class__.from_config(pipeline.scheduler.config)
+
+
+def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`uncond + g * (cond - uncond)` with one g per sample, as the stock pipelines compute it."""
+    scales = scales.to(device=cond.device, dtype=cond.dtype).view(-1, *([1] * (cond.ndim - 1)))
+    return uncond + scales * (cond - uncond)
+
+
+class Sampler(ABC):
+    """Generates a batch of samples with one pipeline's components; one call at a time per pipeline."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline._execution_device
+
+    @property
+    @abstractmethod
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this."""
+
+    @abstractmethod
+    def needs_cfg(self, guidance_scale: float) -> bool:
+        """Whether the stock pipeline runs an unconditional pass at this guidance scale."""
+
+    @abstractmethod
+    def __call__(self, samples: list[Sample], shape: BatchShape) -> list[Image.Image]:
+        """One image per sample, in order."""
+
+    def cfg_indices(self, samples: list[Sample]) -> list[int]:
+        return [i for i, sample in enumerate(samples) if self.needs_cfg(sample.guidance_scale)]

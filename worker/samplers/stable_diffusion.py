@@ -1,0 +1,84 @@
+"""SD 1.5 / 2.x and SD-Turbo: a UNet denoising loop with per-sample classifier-free guidance.
+
+Mirrors `StableDiffusionPipeline.__call__`; only samples with guidance > 1 run the unconditional pass.
+Epsilon and v-prediction are both handled by the scheduler.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from .base import BatchShape, Sample, Sampler, combine_guidance, cpu_generators, fresh_scheduler
+
+
+def step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
+    """Stochastic schedulers (Euler ancestral, DDPM, LCM) draw per-sample noise from each job's generator."""
+    import inspect
+
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    return kwargs
+
+
+class StableDiffusionSampler(Sampler):
+    @property
+    def size_multiple(self) -> int:
+        return self.pipeline.vae_scale_factor
+
+    def needs_cfg(self, guidance_scale: float) -> bool:
+        return guidance_scale > 1 and self.pipeline.unet.config.time_cond_proj_dim is None
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        embeds, _ = self.pipeline.encode_prompt(texts, self.device, 1, do_classifier_free_guidance=False)
+        return embeds
+
+    @torch.no_grad()
+    def __call__(self, samples: list[Sample], shape: BatchShape) -> list[Image.Image]:
+        pipe, device = self.pipeline, self.device
+        cfg = self.cfg_indices(samples)
+        positive = self.encode([s.prompt for s in samples])
+        # Stock SD encodes a missing negative prompt as "".
+        negative = self.encode([samples[i].negative_prompt or "" for i in cfg]) if cfg else positive[:0]
+        embeddings = torch.cat([negative, positive])
+        scales = torch.tensor([samples[i].guidance_scale for i in cfg])
+
+        scheduler = fresh_scheduler(pipe)
+        timesteps, _ = retrieve_timesteps(scheduler, shape.num_inference_steps, device)
+        generators = cpu_generators(samples)
+        latents = self.initial_latents(scheduler, generators, shape, positive.dtype)
+        extra = step_kwargs(scheduler, generators)
+
+        for t in timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents[cfg], latents]), t)
+            noise = pipe.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            noise = self.guide(noise, cfg, scales)
+            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+        return self.decode(latents)
+
+    def initial_latents(self, scheduler, generators, shape: BatchShape, dtype: torch.dtype) -> torch.Tensor:
+        factor = self.pipeline.vae_scale_factor
+        size = (len(generators), self.pipeline.unet.config.in_channels, shape.height // factor, shape.width // factor)
+        latents = randn_tensor(size, generator=generators, device=self.device, dtype=dtype)
+        return latents * scheduler.init_noise_sigma
+
+    @staticmethod
+    def guide(noise: torch.Tensor, cfg: list[int], scales: torch.Tensor) -> torch.Tensor:
+        """Split the UNet output into [uncond of CFG samples, cond of all] and combine per sample."""
+        uncond, cond = noise[: len(cfg)], noise[len(cfg) :]
+        if not cfg:
+            return cond
+        guided = cond.clone()
+        guided[cfg] = combine_guidance(cond[cfg], uncond, scales)
+        return guided
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipeline.vae
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(image, output_type="pil")

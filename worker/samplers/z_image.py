@@ -1,0 +1,96 @@
+"""Z-Image (Turbo): flow matching with a single-stream DiT that takes lists of latents and captions.
+
+Mirrors `ZImagePipeline.__call__`. Because the transformer takes lists, a batch sends negative
+captions only for samples with guidance > 0: the others pay nothing for CFG.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.pipelines.z_image.pipeline_z_image import (
+    calculate_shift,
+    get_default_z_image_sigmas,
+    retrieve_timesteps,
+)
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from .base import BatchShape, Sample, Sampler, cpu_generators, fresh_scheduler
+
+MAX_SEQUENCE_LENGTH = 512
+
+
+class ZImageSampler(Sampler):
+    @property
+    def size_multiple(self) -> int:
+        return self.pipeline.vae_scale_factor * 2
+
+    def needs_cfg(self, guidance_scale: float) -> bool:
+        return guidance_scale > 0
+
+    def encode(self, texts: list[str]) -> list[torch.Tensor]:
+        # _encode_prompt rewrites the list it is given in place; hand it a copy.
+        return self.pipeline._encode_prompt(list(texts), self.device, max_sequence_length=MAX_SEQUENCE_LENGTH)
+
+    def timesteps(self, scheduler, latents: torch.Tensor, steps: int) -> torch.Tensor:
+        config = scheduler.config
+        mu = calculate_shift(
+            (latents.shape[2] // 2) * (latents.shape[3] // 2),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(
+            scheduler, steps, self.device, sigmas=get_default_z_image_sigmas(steps), mu=mu
+        )
+        scheduler.set_begin_index(0)
+        return timesteps
+
+    @torch.no_grad()
+    def __call__(self, samples: list[Sample], shape: BatchShape) -> list[Image.Image]:
+        pipe = self.pipeline
+        cfg = self.cfg_indices(samples)
+        captions = self.encode([s.prompt for s in samples])
+        # Stock Z-Image encodes a missing negative prompt as "".
+        captions += self.encode([samples[i].negative_prompt or "" for i in cfg]) if cfg else []
+        scales = torch.tensor([samples[i].guidance_scale for i in cfg])
+
+        latents = self.initial_latents(cpu_generators(samples), shape)
+        scheduler = fresh_scheduler(pipe)
+        for t in self.timesteps(scheduler, latents, shape.num_inference_steps):
+            timestep = (1000 - t.expand(len(samples))) / 1000
+            frames = latents.to(pipe.transformer.dtype).unsqueeze(2)
+            inputs = list(frames.unbind(0)) + [frames[i] for i in cfg]
+            outputs = pipe.transformer(inputs, torch.cat([timestep, timestep[cfg]]), captions, return_dict=False)[0]
+            velocity = self.guide(outputs, len(samples), cfg, scales)
+            latents = scheduler.step(-velocity.squeeze(2), t, latents, return_dict=False)[0]
+        return self.decode(latents)
+
+    def initial_latents(self, generators: list[torch.Generator], shape: BatchShape) -> torch.Tensor:
+        factor = self.size_multiple
+        size = (
+            len(generators),
+            self.pipeline.transformer.in_channels,
+            2 * (shape.height // factor),
+            2 * (shape.width // factor),
+        )
+        # Z-Image's latents are float32 whatever the transformer's dtype.
+        return randn_tensor(size, generator=generators, device=self.device, dtype=torch.float32)
+
+    @staticmethod
+    def guide(outputs: list[torch.Tensor], count: int, cfg: list[int], scales: torch.Tensor) -> torch.Tensor:
+        cond = torch.stack([out.float() for out in outputs[:count]])
+        if not cfg:
+            return cond
+        uncond = torch.stack([out.float() for out in outputs[count:]])
+        # Z-Image's "original" CFG form, written as stock writes it: pos + g * (pos - neg).
+        scales = scales.view(-1, *([1] * (uncond.ndim - 1)))
+        cond[cfg] = cond[cfg] + scales * (cond[cfg] - uncond)
+        return cond
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipeline.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(image, output_type="pil")
