@@ -92,14 +92,15 @@ def _sd_scheduler(family: str):
 
     common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     if family == "sd2":
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction")
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                             prediction_type="v_prediction")
     if family == "sd-turbo":
         return EulerDiscreteScheduler(**common, timestep_spacing="trailing")
     if family == "sdxl":
         return EulerDiscreteScheduler(**common, steps_offset=1, timestep_spacing="leading")
     if family == "sdxl-turbo":
         return EulerAncestralDiscreteScheduler(**common, timestep_spacing="trailing")
-    return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
+    return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 def build_sd(family: str, size: Size):

@@ -1,0 +1,140 @@
+"""From a raw Celery message to a validated job with every setting resolved.
+
+A producer may be any Celery client, so nothing here trusts the message: every problem becomes a
+`JobError` naming the field, and the job ends `failed` without touching any other job.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from diffqueue.producer.models import MAX_SEED, GenerationRequest, Mode
+
+from .registry import LoadedModel, ModelRegistry
+from .samplers import BatchShape, Sample
+
+
+class JobError(Exception):
+    """A job that cannot run. `code` is machine-readable; `field` names the request field at fault."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Jobs batch together only when all of these match."""
+
+    model: str
+    mode: Mode
+    width: int
+    height: int
+    num_inference_steps: int
+
+
+@dataclass
+class Job:
+    id: str
+    request: GenerationRequest
+    model: LoadedModel
+    seed: int
+    guidance_scale: float
+    num_inference_steps: int
+    width: int
+    height: int
+    negative_prompt: str | None
+    priority: int = 0
+    received_at: float = field(default_factory=time.time)
+
+    @property
+    def key(self) -> BatchKey:
+        return BatchKey(self.model.alias, self.request.mode, self.width, self.height, self.num_inference_steps)
+
+    @property
+    def shape(self) -> BatchShape:
+        return BatchShape(self.width, self.height, self.num_inference_steps)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height * self.request.num_images
+
+    def samples(self) -> list[Sample]:
+        return [
+            Sample(self.request.prompt, self.negative_prompt, self.guidance_scale, self.seed + k)
+            for k in range(self.request.num_images)
+        ]
+
+
+def parse_request(args: tuple, kwargs: dict[str, Any]) -> GenerationRequest:
+    if args:
+        raise JobError("invalid_request", "positional arguments are not accepted; send kwargs={'request': {...}}",
+                       "request")
+    unexpected = sorted(set(kwargs) - {"request"})
+    if unexpected:
+        raise JobError("invalid_request", f"unexpected task kwargs {unexpected}; send kwargs={{'request': {{...}}}}",
+                       "request")
+    raw = kwargs.get("request")
+    if not isinstance(raw, dict):
+        raise JobError("invalid_request", "kwargs['request'] must be a JSON object", "request")
+    try:
+        return GenerationRequest.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field_name = ".".join(str(part) for part in first["loc"]) or "request"
+        return_msg = f"{field_name}: {first['msg']}"
+        raise JobError("invalid_request", return_msg, field_name) from None
+
+
+def resolve_job(job_id: str, request: GenerationRequest, registry: ModelRegistry, priority: int = 0) -> Job:
+    """Apply the model's defaults and check its limits."""
+    alias = request.model or registry.default_alias
+    spec = registry.spec(alias)
+    if spec is None:
+        raise JobError("invalid_request", f"model: unknown model {alias!r}", "model")
+    if request.mode is not Mode.txt2img:
+        raise JobError("unsupported", f"mode: {request.mode.value} is not supported by this worker yet", "mode")
+    model = registry.get(alias)
+    default_width, default_height = model.default_size
+    job = Job(
+        id=job_id,
+        request=request,
+        model=model,
+        seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - 64),
+        guidance_scale=spec.defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
+        num_inference_steps=request.num_inference_steps or spec.defaults.num_inference_steps,
+        width=request.width or default_width,
+        height=request.height or default_height,
+        negative_prompt=request.negative_prompt if request.negative_prompt is not None
+        else spec.defaults.negative_prompt,
+        priority=priority,
+    )
+    check_limits(job)
+    return job
+
+
+def check_limits(job: Job) -> None:
+    limits, multiple = job.model.spec.limits, job.model.sampler.size_multiple
+    for name in ("width", "height"):
+        value = getattr(job, name)
+        if value % multiple:
+            raise JobError("invalid_request", f"{name}: must be a multiple of {multiple} for this model", name)
+    if job.width * job.height > limits.max_pixels:
+        field_name = "height" if job.request.height else "width"
+        raise JobError(
+            "invalid_request",
+            f"{field_name}: {job.width}x{job.height} exceeds this model's limit of {limits.max_pixels} pixels",
+            field_name,
+        )
+    if job.num_inference_steps > limits.max_steps:
+        raise JobError("invalid_request", f"num_inference_steps: at most {limits.max_steps} for this model",
+                       "num_inference_steps")
+    if job.request.num_images > limits.max_images:
+        raise JobError("invalid_request", f"num_images: at most {limits.max_images} for this model", "num_images")

@@ -1,0 +1,186 @@
+"""What a Celery thread does with one job: validate, batch, upload, record, notify."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+
+from diffqueue.producer.connection import RedisKeys
+from diffqueue.producer.models import ErrorInfo, ImageInfo, JobResult, JobState, Timings, WebhookEventType
+
+from .batcher import Batcher, BatchOutcome, JobCanceled
+from .generation import run_batch
+from .images import CONTENT_TYPES, EXTENSIONS, encode_image
+from .jobs import Job, JobError, parse_request, resolve_job
+from .registry import ModelRegistry, ModelsFile
+from .results import ResultStore
+from .settings import WorkerSettings
+from .storage import ImageStore, StorageError, blob_name, storage_from_url
+from .url_guard import UnsafeURL, check_url
+from .webhooks import WebhookDispatcher, WebhookOutbox
+
+log = logging.getLogger(__name__)
+
+TERMINAL_EVENTS: dict[JobState, WebhookEventType] = {
+    JobState.succeeded: "job.succeeded",
+    JobState.failed: "job.failed",
+    JobState.canceled: "job.canceled",
+}
+
+
+@dataclass
+class WorkerRuntime:
+    settings: WorkerSettings
+    registry: ModelRegistry
+    batcher: Batcher
+    store: ImageStore
+    results: ResultStore
+    outbox: WebhookOutbox | None
+    dispatcher: WebhookDispatcher | None
+    redis: redis.Redis
+    keys: RedisKeys
+
+    @classmethod
+    def create(cls, settings: WorkerSettings, app: Celery) -> "WorkerRuntime":
+        client = redis.Redis.from_url(settings.broker_url)
+        keys = RedisKeys(settings.key_prefix)
+        registry = ModelRegistry(ModelsFile.load(settings.models_file), settings.resolved_device())
+        outbox = dispatcher = None
+        if settings.webhook_secret is not None:
+            outbox = WebhookOutbox(
+                client, keys, settings.webhook_secret.get_secret_value(),
+                timeout_s=settings.webhook_timeout_s, horizon_s=settings.webhook_retry_horizon_s,
+                base_s=settings.webhook_retry_base_s, max_s=settings.webhook_retry_max_s,
+                allow_private=settings.allow_private_urls, allow_hosts=tuple(settings.url_allow_list),
+            )
+            dispatcher = WebhookDispatcher(outbox, poll_s=settings.webhook_poll_s)
+        batcher = Batcher(
+            run_batch, settings.max_batch, settings.max_batch_pixels, settings.max_wait_ms,
+            is_canceled=lambda job_id: bool(client.exists(keys.cancel(job_id))),
+        )
+        return cls(settings, registry, batcher, storage_from_url(settings.storage_url), ResultStore(app),
+                   outbox, dispatcher, client, keys)
+
+    def start(self) -> None:
+        """Load every model before taking jobs, then start the GPU and webhook threads."""
+        self.registry.warm()
+        self.batcher.start()
+        if self.dispatcher:
+            self.dispatcher.start()
+
+    def stop(self) -> None:
+        self.batcher.stop(timeout=60)
+        if self.dispatcher:
+            self.dispatcher.stop()
+
+    def handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], priority: int = 0) -> dict:
+        received_at = time.time()
+        existing = self.results.terminal(job_id)
+        if existing is not None:
+            log.info("job %s already %s; not running it again", job_id, existing.status.value)
+            return existing.model_dump(mode="json")
+        callback = self._raw_callback(kwargs)
+        try:
+            request = parse_request(args, kwargs)
+            callback = self._checked_callback(request.callback_url)
+            job = resolve_job(job_id, request, self.registry, priority)
+        except JobError as error:
+            failed = JobResult(id=job_id, status=JobState.failed, metadata=self._raw_metadata(kwargs),
+                               error=ErrorInfo(code=error.code, message=error.message, field=error.field))
+            return self._finish(failed, callback)
+        return self._run(job, callback, received_at)
+
+    def _run(self, job: Job, callback: str | None, received_at: float) -> dict:
+        running = JobResult(id=job.id, status=JobState.running, model=job.model.alias,
+                            revision=job.model.revision, metadata=job.request.metadata)
+        if self.redis.exists(self.keys.cancel(job.id)):
+            return self._finish(running.model_copy(update={"status": JobState.canceled}), callback)
+        self.results.record(running)
+        if callback and self.outbox:
+            self.outbox.enqueue(callback, "job.started", running)
+        try:
+            outcome: BatchOutcome = self.batcher.submit(job).result()
+        except JobCanceled:
+            return self._finish(running.model_copy(update={"status": JobState.canceled}), callback)
+        except Exception as error:
+            return self._finish(self._failed(running, "generation_failed", f"{type(error).__name__}: {error}"),
+                                callback)
+        try:
+            images, upload_seconds = self._upload(job, outcome)
+        except StorageError as error:
+            return self._finish(self._failed(running, "storage_error", str(error)), callback)
+        succeeded = running.model_copy(update={
+            "status": JobState.succeeded,
+            "images": images,
+            "batch_size": outcome.batch_size,
+            "timings": Timings(queued=outcome.started_at - received_at, generate=outcome.seconds,
+                               upload=upload_seconds),
+        })
+        return self._finish(succeeded, callback)
+
+    def _upload(self, job: Job, outcome: BatchOutcome) -> tuple[list[ImageInfo], float]:
+        started = time.time()
+        fmt = job.request.output_format
+        infos = []
+        for index, image in enumerate(outcome.images):
+            seed = job.seed + index
+            data = encode_image(image, fmt, self._parameters(job, seed))
+            metadata = {"job_id": job.id, "seed": str(seed), "model": job.model.alias,
+                        "revision": job.model.revision}
+            url = self.store.put(blob_name(job.id, index, EXTENSIONS[fmt]), data, CONTENT_TYPES[fmt], metadata)
+            infos.append(ImageInfo(url=url, seed=seed, width=image.width, height=image.height,
+                                   content_type=CONTENT_TYPES[fmt], sha256=hashlib.sha256(data).hexdigest()))
+        return infos, time.time() - started
+
+    @staticmethod
+    def _parameters(job: Job, seed: int) -> dict:
+        return {
+            "prompt": job.request.prompt, "negative_prompt": job.negative_prompt, "seed": seed,
+            "guidance_scale": job.guidance_scale, "num_inference_steps": job.num_inference_steps,
+            "width": job.width, "height": job.height, "model": job.model.alias, "revision": job.model.revision,
+        }
+
+    @staticmethod
+    def _failed(base: JobResult, code: str, message: str) -> JobResult:
+        return base.model_copy(update={"status": JobState.failed, "error": ErrorInfo(code=code, message=message)})
+
+    def _finish(self, result: JobResult, callback: str | None) -> dict:
+        self.results.record(result)
+        if callback and self.outbox:
+            self.outbox.enqueue(callback, TERMINAL_EVENTS[result.status], result)
+        log.info("job %s %s%s", result.id, result.status.value,
+                 f" ({result.error.code}: {result.error.message})" if result.error else "")
+        return result.model_dump(mode="json")
+
+    def _checked_callback(self, url: object) -> str | None:
+        if url is None:
+            return None
+        if self.outbox is None:
+            raise JobError("invalid_request", "callback_url: this worker has no DIFFQUEUE_WEBHOOK_SECRET to sign "
+                           "webhooks with", "callback_url")
+        try:
+            check_url(str(url), self.settings.allow_private_urls, tuple(self.settings.url_allow_list))
+        except UnsafeURL as error:
+            raise JobError("invalid_request", f"callback_url: {error}", "callback_url") from None
+        return str(url)
+
+    def _raw_callback(self, kwargs: dict[str, Any]) -> str | None:
+        """The callback of a request that may fail validation, if it is usable at all."""
+        raw = kwargs.get("request") if isinstance(kwargs, dict) else None
+        url = raw.get("callback_url") if isinstance(raw, dict) else None
+        try:
+            return self._checked_callback(url) if isinstance(url, str) else None
+        except JobError:
+            return None
+
+    @staticmethod
+    def _raw_metadata(kwargs: dict[str, Any]) -> dict:
+        raw = kwargs.get("request") if isinstance(kwargs, dict) else None
+        metadata = raw.get("metadata") if isinstance(raw, dict) else None
+        return metadata if isinstance(metadata, dict) else {}

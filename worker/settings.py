@@ -1,0 +1,41 @@
+"""Worker configuration, from DIFFQUEUE_* environment variables or CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+
+from diffqueue.producer.settings import QueueSettings
+
+
+class WorkerSettings(QueueSettings):
+    models_file: Path = Path("models.toml")
+    storage_url: str = "file://./outputs"
+    webhook_secret: SecretStr | None = None
+    device: str = "auto"  # auto = cuda when available, else cpu
+
+    max_batch: int = Field(default=8, ge=1)  # images per denoising loop
+    max_batch_pixels: int = Field(default=8 * 1024 * 1024, ge=1)  # sum of width*height over a batch
+    max_wait_ms: int = Field(default=0, ge=0)  # wait this long for a batch to fill; 0 = never wait
+    concurrency: int | None = Field(default=None, ge=1)  # Celery threads; default 2 * max_batch
+
+    allow_private_urls: bool = Field(default=False, validation_alias="DIFFQUEUE_ALLOW_PRIVATE_CALLBACKS")
+    url_allow_list: list[str] = Field(default_factory=list)  # hosts allowed even when private
+
+    webhook_timeout_s: float = 15.0
+    webhook_retry_horizon_s: float = 3600.0
+    webhook_retry_base_s: float = 5.0
+    webhook_retry_max_s: float = 600.0
+    webhook_poll_s: float = 0.5
+
+    @property
+    def celery_concurrency(self) -> int:
+        return self.concurrency or 2 * self.max_batch
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
