@@ -94,8 +94,10 @@ class WebhookOutbox:
         max_s: float = 600.0,
         allow_private: bool = False,
         allow_hosts: tuple[str, ...] = (),
+        lease_s: float = LEASE_S,
     ) -> None:
         self.redis = client
+        self.lease_s = lease_s
         self.keys = keys
         self.signer = Webhook(secret) if secret else None  # None: can list and replay, not deliver
         self.timeout_s = timeout_s
@@ -131,7 +133,7 @@ class WebhookOutbox:
 
     def claim_due(self, limit: int = 32) -> list[str]:
         now = time.time()
-        ids = self._claim(keys=[self.keys.webhook_due], args=[now, limit, now + LEASE_S])
+        ids = self._claim(keys=[self.keys.webhook_due], args=[now, limit, now + self.lease_s])
         return [i.decode() for i in ids]
 
     def deliver(self, delivery_id: str) -> None:
