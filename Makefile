@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 # The CPU build on machines without a GPU; override for CUDA, e.g. TORCH_SPEC="torch==2.13.0".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast bench lint clean redis-server
+.PHONY: demo test bench lint clean redis-server
+AZURITE := .tools/node_modules/.bin/azurite-blob
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,15 +23,23 @@ redis-server:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; } || { \
 	  echo "Could not install redis-server. Install it yourself: apt-get install redis-server (or brew install redis)"; exit 1; }
 
+# Azurite, Microsoft's Blob Storage emulator, for the storage tests (npm, loopback only).
+$(AZURITE):
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js (apt-get install nodejs npm)"; exit 1; }
+	mkdir -p .tools && cd .tools && npm install --silent --no-audit --no-fund azurite@3
+
 demo: $(STAMP) redis-server
 	$(PY) -m diffqueue.cli demo --workdir .demo
 
 # pytest exits 5 when no test ran; make turns any non-zero exit into a failure.
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server $(AZURITE)
 	$(PY) -m pytest tests -q
 
 bench: $(STAMP) redis-server
 	$(PY) -m bench.run
 
+lint: $(STAMP)
+	$(VENV)/bin/hadolint docker/Dockerfile
+
 clean:
-	rm -rf .demo bench/results .pytest_cache
+	rm -rf .demo bench/results .pytest_cache .tools

@@ -6,6 +6,7 @@ with `GenerationRequest` itself, because a producer may be any Celery client.
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
@@ -83,6 +84,7 @@ class ErrorInfo(BaseModel):
 
 class ImageInfo(BaseModel):
     url: str
+    url_expires_at: datetime | None = None  # set when `url` is a time-limited signed (SAS) URL
     seed: int
     width: int
     height: int

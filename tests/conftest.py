@@ -97,3 +97,12 @@ def stock_pipelines(tiny_model_dirs):
         return cache[alias]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    from tests.helpers import Azurite
+
+    server = Azurite(tmp_path_factory.mktemp("azurite")).start()
+    yield server
+    server.stop()

@@ -70,9 +70,16 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
-            if app.control.ping(timeout=0.5):
+            # Ping this very worker: others on the same broker would answer a broadcast.
+            if app.control.ping(destination=[self.hostname], timeout=0.5):
                 return
         raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log_tail()}")
+
+    @property
+    def hostname(self) -> str:
+        import socket
+
+        return f"diffqueue-{self.process.pid}@{socket.gethostname()}"
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -125,3 +132,52 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+class Azurite:
+    """Microsoft's Blob Storage emulator (npm `azurite`), on loopback, stoppable mid-test."""
+
+    def __init__(self, directory: Path) -> None:
+        import shutil
+
+        from diffqueue.local_redis import free_port
+
+        local = Path(__file__).resolve().parent.parent / ".tools/node_modules/.bin/azurite-blob"
+        self.binary = str(local) if local.exists() else shutil.which("azurite-blob")
+        if self.binary is None:
+            raise RuntimeError("azurite-blob not found: `make test` installs it into .tools/ with npm")
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def connection_string(self) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
+                f"BlobEndpoint=http://127.0.0.1:{self.port}/devstoreaccount1;")
+
+    def start(self) -> "Azurite":
+        import socket
+
+        self.process = subprocess.Popen(
+            [self.binary, "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location",
+             str(self.directory), "--silent", "--skipApiVersionCheck", "--loose"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: _port_open(socket, self.port), timeout=30)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+def _port_open(socket, port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False

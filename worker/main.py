@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 from .app import create_worker_app, register_generate_task
@@ -14,6 +15,7 @@ log = logging.getLogger(__name__)
 
 def run_worker(settings: WorkerSettings, loglevel: str = "INFO") -> int:
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every request at INFO
     app = create_worker_app(settings)
     runtime = WorkerRuntime.create(settings, app)
     runtime.start()
@@ -23,7 +25,7 @@ def run_worker(settings: WorkerSettings, loglevel: str = "INFO") -> int:
     worker = app.Worker(
         queues=[settings.queue],
         loglevel=loglevel,
-        hostname=f"diffqueue@{socket.gethostname()}",
+        hostname=worker_hostname(),
         without_mingle=True,
         without_gossip=True,
         quiet=logging.getLevelName(loglevel) > logging.INFO,
@@ -33,3 +35,8 @@ def run_worker(settings: WorkerSettings, loglevel: str = "INFO") -> int:
     finally:
         runtime.stop()
     return worker.exitcode or 0
+
+
+def worker_hostname() -> str:
+    """Unique per process, so that Celery control commands can address one worker."""
+    return f"diffqueue-{os.getpid()}@{socket.gethostname()}"

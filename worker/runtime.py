@@ -21,7 +21,7 @@ from .jobs import Job, JobError, parse_request, resolve_job
 from .registry import ModelRegistry, ModelsFile
 from .results import ResultStore
 from .settings import WorkerSettings
-from .storage import ImageStore, StorageError, blob_name, storage_from_url
+from .storage import ImageStore, StorageError, blob_name, storage_from_settings
 from .url_guard import UnsafeURL, check_url
 from .webhooks import WebhookDispatcher, WebhookOutbox
 
@@ -64,7 +64,7 @@ class WorkerRuntime:
             run_batch, settings.max_batch, settings.max_batch_pixels, settings.max_wait_ms,
             is_canceled=lambda job_id: bool(client.exists(keys.cancel(job_id))),
         )
-        return cls(settings, registry, batcher, storage_from_url(settings.storage_url), ResultStore(app),
+        return cls(settings, registry, batcher, storage_from_settings(settings), ResultStore(app),
                    outbox, dispatcher, client, keys)
 
     def start(self) -> None:
@@ -130,11 +130,12 @@ class WorkerRuntime:
         infos = []
         for index, image in enumerate(outcome.images):
             seed = job.seed + index
-            data = encode_image(image, fmt, self._parameters(job, seed))
+            parameters = self._parameters(job, seed) if self.settings.png_parameters else None
+            data = encode_image(image, fmt, parameters, self.settings.image_quality)
             metadata = {"job_id": job.id, "seed": str(seed), "model": job.model.alias,
                         "revision": job.model.revision}
-            url = self.store.put(blob_name(job.id, index, EXTENSIONS[fmt]), data, CONTENT_TYPES[fmt], metadata)
-            infos.append(ImageInfo(url=url, seed=seed, width=image.width, height=image.height,
+            stored = self.store.put(blob_name(job.id, index, EXTENSIONS[fmt]), data, CONTENT_TYPES[fmt], metadata)
+            infos.append(ImageInfo(url=stored.url, url_expires_at=stored.expires_at, seed=seed, width=image.width, height=image.height,
                                    content_type=CONTENT_TYPES[fmt], sha256=hashlib.sha256(data).hexdigest()))
         return infos, time.time() - started
 

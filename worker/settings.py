@@ -11,7 +11,15 @@ from diffqueue.producer.settings import QueueSettings
 
 class WorkerSettings(QueueSettings):
     models_file: Path = Path("models.toml")
-    storage_url: str = "file://./outputs"
+    storage_url: str = "file://./outputs"  # or azure://container[/prefix]
+    azure_account_url: str | None = None  # with DefaultAzureCredential when no connection string is set
+    azure_create_container: bool = True
+    azure_public_urls: bool = False  # True: plain blob URLs (public container); False: read-only SAS URLs
+    azure_sas_ttl_s: int = 7 * 24 * 3600
+    azure_retry_total: int = 5
+    azure_retry_backoff_s: float = 1.0
+    image_quality: int = Field(default=90, ge=1, le=100)  # webp and jpeg
+    png_parameters: bool = True  # write the generation parameters into PNG text chunks
     webhook_secret: SecretStr | None = None
     device: str = "auto"  # auto = cuda when available, else cpu
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 
@@ -9,8 +11,14 @@ class StorageError(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    url: str
+    expires_at: datetime | None = None  # set when the URL carries a time-limited signature (SAS)
+
+
 class ImageStore(Protocol):
-    def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> str:
+    def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> StoredImage:
         """Store `data` under `name` and return a URL its owner can read it from."""
         ...
 

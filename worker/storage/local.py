@@ -6,14 +6,14 @@ import os
 import tempfile
 from pathlib import Path
 
-from .base import StorageError
+from .base import StorageError, StoredImage
 
 
 class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
 
-    def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> str:
+    def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> StoredImage:
         path = (self.root / name).resolve()
         if self.root not in path.parents:
             raise StorageError(f"blob name {name!r} escapes the storage root")
@@ -25,4 +25,4 @@ class LocalStore:
             os.replace(handle.name, path)
         except OSError as error:
             raise StorageError(f"cannot write {path}: {error}") from error
-        return path.as_uri()
+        return StoredImage(path.as_uri())
