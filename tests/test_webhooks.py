@@ -143,3 +143,33 @@ def test_backoff_grows_and_is_capped():
     delays = [retry_delay(attempt, base_s=5, max_s=600) for attempt in range(1, 12)]
     assert 2.5 <= delays[0] <= 5 and 5 <= delays[1] <= 10
     assert all(300 <= d <= 600 for d in delays[8:])
+
+
+def test_worker_killed_with_deliveries_pending_delivers_them_after_restart(
+    redis_server, models_file, webhook_secret, tmp_path, celery_sender
+):
+    from tests.helpers import WorkerProcess, wait_result
+
+    port = free_port()
+    settings = {"DIFFQUEUE_WEBHOOK_LEASE_S": "2", "DIFFQUEUE_WEBHOOK_RETRY_BASE_S": "1"}
+    first = WorkerProcess(redis_server.url, models_file, tmp_path / "images", webhook_secret, **settings).start()
+    job_id = first.send(celery_sender, {"prompt": "x", "seed": 4, "callback_url": f"http://127.0.0.1:{port}/after"})
+    assert wait_result(celery_sender, job_id)["status"] == "succeeded"
+    time.sleep(1.0)  # at least one delivery attempt has failed against the closed port
+    first.process.kill()
+    first.process.wait()
+
+    receiver = HTTPServer(host="127.0.0.1", port=port)
+    receiver.expect_request("/after").respond_with_data("ok")
+    receiver.start()
+    restarted = WorkerProcess(redis_server.url, models_file, tmp_path / "images", webhook_secret, **settings)
+    restarted.queue = first.queue
+    restarted.env["DIFFQUEUE_QUEUE"] = first.queue
+    restarted.start()
+    try:
+        bodies = wait_for(lambda: [b for b in webhook_bodies(receiver, webhook_secret)
+                                   if b["type"] == "job.succeeded"], timeout=30)
+        assert bodies[0]["data"]["id"] == job_id
+    finally:
+        restarted.stop()
+        receiver.stop()

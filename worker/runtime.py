@@ -58,6 +58,7 @@ class WorkerRuntime:
                 timeout_s=settings.webhook_timeout_s, horizon_s=settings.webhook_retry_horizon_s,
                 base_s=settings.webhook_retry_base_s, max_s=settings.webhook_retry_max_s,
                 allow_private=settings.allow_private_urls, allow_hosts=tuple(settings.url_allow_list),
+                lease_s=settings.webhook_lease_s,
             )
             dispatcher = WebhookDispatcher(outbox, poll_s=settings.webhook_poll_s)
         batcher = Batcher(

@@ -36,6 +36,7 @@ class WorkerSettings(QueueSettings):
     webhook_retry_base_s: float = 5.0
     webhook_retry_max_s: float = 600.0
     webhook_poll_s: float = 0.5
+    webhook_lease_s: float = 60.0  # a delivery claimed by a worker that died is retried after this
 
     @property
     def celery_concurrency(self) -> int:

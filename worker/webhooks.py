@@ -31,7 +31,7 @@ from .url_guard import UnsafeURL, check_url
 log = logging.getLogger(__name__)
 
 STARTED_HORIZON_S = 60.0  # job.started is informational: retried briefly, never dead-lettered
-LEASE_S = 120.0  # a claimed delivery becomes due again if its worker dies mid-attempt
+LEASE_S = 60.0  # a claimed delivery becomes due again if its worker dies mid-attempt
 
 # Claim up to ARGV[2] due deliveries by pushing their due time past the lease, atomically.
 CLAIM_SCRIPT = """
