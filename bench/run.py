@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
     model_dir = build_model(args, workdir)
     workload = Workload(str(model_dir), args.jobs, args.steps, args.side, args.max_batch, args.cfg_scale)
 
-    pipe = DiffusionPipeline.from_pretrained(model_dir, use_safetensors=True, torch_dtype=_dtype(args)).to(args.device)
+    pipe = DiffusionPipeline.from_pretrained(model_dir, use_safetensors=True, dtype=_dtype(args)).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     requests = workload.requests()
     run_limit(pipe, requests[: args.max_batch], args.max_batch)  # warm-up

@@ -111,7 +111,7 @@ def load_pipeline(spec: ModelSpec, device: str):
     folder, revision = resolve_source(spec)
     pipeline = DiffusionPipeline.from_pretrained(
         folder,
-        torch_dtype=getattr(torch, spec.dtype),
+        dtype=getattr(torch, spec.dtype),
         variant=spec.variant,
         use_safetensors=True,
         local_files_only=True,
