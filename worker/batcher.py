@@ -3,7 +3,7 @@
 Celery threads call `submit(job)` and block on the returned future. Whenever the GPU thread is free it
 takes the highest-priority oldest pending job plus every pending job with the same `BatchKey`, up to
 `max_batch` images and `max_batch_pixels`, and runs them as one batch. It never waits for a batch to
-fill unless `max_wait_ms` > 0.
+fill unless `max_wait_ms` > 0. Jobs of models already in memory go first, for a bounded time.
 """
 
 from __future__ import annotations
@@ -54,12 +54,16 @@ class Batcher:
         max_batch_pixels: int,
         max_wait_ms: int = 0,
         is_canceled: Callable[[str], bool] = lambda job_id: False,
+        is_resident: Callable[[str], bool] = lambda model: True,
+        max_model_wait_s: float = 30.0,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_batch_pixels = max_batch_pixels
         self.max_wait_s = max_wait_ms / 1000
         self.is_canceled = is_canceled
+        self.is_resident = is_resident
+        self.max_model_wait_s = max_model_wait_s
         self._pending: list[_Pending] = []
         self._sequence = itertools.count()
         self._changed = threading.Condition()
@@ -100,7 +104,7 @@ class Batcher:
                 self._changed.wait()
             if self._stopping and not self._pending:
                 return None
-            oldest = min(self._pending)
+            oldest = self._first_choice()
             deadline = oldest.job.received_at + self.max_wait_s
             batch = self._select(oldest)
             while self._images(batch) < self.max_batch and not self._stopping:
@@ -112,6 +116,15 @@ class Batcher:
             for item in batch:
                 self._pending.remove(item)
             return batch
+
+    def _first_choice(self) -> _Pending:
+        """The oldest job, unless its model is not loaded: then the oldest job of a loaded model goes
+        first, until the oldest has waited max_model_wait_s. Swapping models costs seconds."""
+        oldest = min(self._pending)
+        if self.is_resident(oldest.job.key.model) or time.time() - oldest.job.received_at >= self.max_model_wait_s:
+            return oldest
+        resident = [item for item in self._pending if self.is_resident(item.job.key.model)]
+        return min(resident) if resident else oldest
 
     def _select(self, oldest: _Pending) -> list[_Pending]:
         batch, images, pixels = [oldest], oldest.job.request.num_images, oldest.job.pixels

@@ -1,19 +1,24 @@
-"""Runs one batch of compatible jobs through its model's sampler."""
+"""Runs one batch of compatible jobs through its model's sampler, on the GPU thread."""
 
 from __future__ import annotations
 
 from PIL import Image
 
 from .jobs import Job
+from .registry import ModelRegistry
 
 
-def run_batch(jobs: list[Job]) -> list[list[Image.Image]]:
-    """Generate every job's images in one denoising loop; returns them grouped per job, in order."""
-    model, shape = jobs[0].model, jobs[0].shape
-    samples = [sample for job in jobs for sample in job.samples()]
-    images = model.sampler(samples, shape)
-    grouped, start = [], 0
-    for job in jobs:
-        grouped.append(images[start : start + job.request.num_images])
-        start += job.request.num_images
-    return grouped
+class BatchRunner:
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    def __call__(self, jobs: list[Job]) -> list[list[Image.Image]]:
+        """Generate every job's images in one denoising loop; returns them grouped per job, in order."""
+        model = self.registry.get(jobs[0].model.alias)
+        samples = [sample for job in jobs for sample in job.samples()]
+        images = model.sampler(samples, jobs[0].shape)
+        grouped, start = [], 0
+        for job in jobs:
+            grouped.append(images[start : start + job.request.num_images])
+            start += job.request.num_images
+        return grouped

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from diffqueue.producer.models import MAX_SEED, GenerationRequest, Mode
 
-from .registry import LoadedModel, ModelRegistry
+from .registry import ModelInfo, ModelRegistry
 from .samplers import BatchShape, Sample
 
 
@@ -44,7 +44,7 @@ class BatchKey:
 class Job:
     id: str
     request: GenerationRequest
-    model: LoadedModel
+    model: ModelInfo
     seed: int
     guidance_scale: float
     num_inference_steps: int
@@ -96,12 +96,12 @@ def parse_request(args: tuple, kwargs: dict[str, Any]) -> GenerationRequest:
 def resolve_job(job_id: str, request: GenerationRequest, registry: ModelRegistry, priority: int = 0) -> Job:
     """Apply the model's defaults and check its limits."""
     alias = request.model or registry.default_alias
-    spec = registry.spec(alias)
-    if spec is None:
+    model = registry.info(alias)
+    if model is None:
         raise JobError("invalid_request", f"model: unknown model {alias!r}", "model")
     if request.mode is not Mode.txt2img:
         raise JobError("unsupported", f"mode: {request.mode.value} is not supported by this worker yet", "mode")
-    model = registry.get(alias)
+    spec = model.spec
     default_width, default_height = model.default_size
     job = Job(
         id=job_id,
@@ -121,7 +121,7 @@ def resolve_job(job_id: str, request: GenerationRequest, registry: ModelRegistry
 
 
 def check_limits(job: Job) -> None:
-    limits, multiple = job.model.spec.limits, job.model.sampler.size_multiple
+    limits, multiple = job.model.spec.limits, job.model.size_multiple
     for name in ("width", "height"):
         value = getattr(job, name)
         if value % multiple:

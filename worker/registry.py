@@ -1,32 +1,43 @@
-"""The models file and the pipelines loaded from it.
+"""The models file, where each model's files are, and which pipelines are resident.
 
 ```toml
 default = "turbo"
 [models.turbo]
 source = "stabilityai/sdxl-turbo"          # Hub repo id, or a local folder
-revision = "71153311d3dbb46851df1931d3ca6e939de83304"
+revision = "<40-hex commit sha>"           # a branch or tag works, with a warning: not reproducible
 dtype = "float16"
 variant = "fp16"
 defaults = { num_inference_steps = 1, guidance_scale = 0.0, width = 512, height = 512 }
 limits = { max_pixels = 1048576, max_steps = 8, max_images = 4 }
 ```
+
+At start every model is *described* from its config files (family, revision, sizes) without loading
+weights. Pipelines are loaded on the GPU thread when a batch needs them and kept under a memory budget,
+least recently used evicted first.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
+import re
+import time
 import tomllib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .samplers import Sampler, sampler_for
+from .samplers import SAMPLERS, Sampler, UnsupportedPipeline, sampler_for
 
 log = logging.getLogger(__name__)
 
-# Only these are ever fetched from the Hub: configs, tokenizers and safetensors weights.
+# Only these are ever fetched from the Hub or read: configs, tokenizers and safetensors weights.
 ALLOW_PATTERNS = ["*.json", "*.txt", "*.jinja", "*.model", "*.safetensors"]
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 class ModelDefaults(BaseModel):
@@ -34,7 +45,7 @@ class ModelDefaults(BaseModel):
 
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
-    width: int | None = None  # None: the pipeline's own default size
+    width: int | None = None  # None: the architecture's native size
     height: int | None = None
     negative_prompt: str | None = None
 
@@ -57,6 +68,10 @@ class ModelSpec(BaseModel):
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
     limits: ModelLimits = Field(default_factory=ModelLimits)
 
+    @property
+    def is_local(self) -> bool:
+        return self.source.startswith((".", "/"))
+
 
 class ModelsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -69,79 +84,169 @@ class ModelsFile(BaseModel):
         models_file = cls.model_validate(tomllib.loads(Path(path).read_text()))
         base = Path(path).resolve().parent
         for spec in models_file.models.values():
-            if spec.source.startswith((".", "/")):
+            if spec.is_local:
                 spec.source = str((base / spec.source).resolve())
         if models_file.default not in models_file.models:
             raise ValueError(f"default model {models_file.default!r} is not in [models]")
         return models_file
 
 
-@dataclass
-class LoadedModel:
+class UnsafeWeights(ValueError):
+    """A model whose weights exist only in a pickle-based format."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What validation needs to know about a model, read from its config files without loading it."""
+
     alias: str
     spec: ModelSpec
+    folder: Path
     revision: str
+    family: str  # the diffusers pipeline class
+    size_multiple: int
+    default_size: tuple[int, int]
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
     pipeline: object
     sampler: Sampler
-
-    @property
-    def default_size(self) -> tuple[int, int]:
-        pipe = self.pipeline
-        if hasattr(pipe, "unet"):
-            side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-            return self.spec.defaults.width or side, self.spec.defaults.height or side
-        return self.spec.defaults.width or 1024, self.spec.defaults.height or 1024
+    bytes: int
 
 
-def resolve_source(spec: ModelSpec) -> tuple[Path, str]:
-    """A local folder for the spec's weights and the revision they are: a Hub snapshot or a local path."""
-    local = Path(spec.source)
-    if local.is_dir():
-        return local, spec.revision or "local"
+def download(spec: ModelSpec, cache_dir: str | None, local_only: bool = False) -> tuple[Path, str]:
+    """A folder holding the spec's files and the revision it is (a commit sha for Hub models)."""
+    if spec.is_local:
+        return Path(spec.source), spec.revision or "local"
     from huggingface_hub import snapshot_download
 
-    folder = snapshot_download(spec.source, revision=spec.revision, allow_patterns=ALLOW_PATTERNS)
-    return Path(folder), Path(folder).name
+    if spec.revision is None or not COMMIT_SHA.match(spec.revision):
+        log.warning("model %s is pinned to %r, not a commit sha: its weights can change under you",
+                    spec.source, spec.revision or "main")
+    folder = Path(snapshot_download(spec.source, revision=spec.revision, allow_patterns=ALLOW_PATTERNS,
+                                    cache_dir=cache_dir, local_files_only=local_only))
+    return folder, folder.name
 
 
-def load_pipeline(spec: ModelSpec, device: str):
+def check_safetensors_only(folder: Path) -> None:
+    """Refuse a pipeline any of whose model components lacks safetensors weights, naming what it has."""
+    for config in sorted(folder.glob("*/config.json")):
+        component = config.parent
+        if "tokenizer" in component.name or "scheduler" in component.name:
+            continue
+        if not any(component.glob("*.safetensors")):
+            pickles = sorted(p.relative_to(folder).as_posix() for p in component.iterdir()
+                             if p.name.endswith(PICKLE_SUFFIXES))
+            found = f"only pickle-based weights: {', '.join(pickles)}" if pickles else "no weights"
+            raise UnsafeWeights(f"{component.name} of {folder} has {found}; diffqueue loads safetensors only")
+
+
+def describe(alias: str, spec: ModelSpec, folder: Path, revision: str) -> ModelInfo:
+    family = json.loads((folder / "model_index.json").read_text())["_class_name"]
+    if family not in SAMPLERS:
+        raise UnsupportedPipeline(f"model {alias}: {family} is not supported; supported: {', '.join(SAMPLERS)}")
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    size_multiple = SAMPLERS[family].size_multiple_for(vae_scale_factor)
+    unet_config = folder / "unet" / "config.json"
+    native = json.loads(unet_config.read_text())["sample_size"] * vae_scale_factor if unet_config.exists() else 1024
+    default_size = (spec.defaults.width or native, spec.defaults.height or native)
+    return ModelInfo(alias, spec, folder, revision, family, size_multiple, default_size)
+
+
+def load_pipeline(info: ModelInfo, device: str):
     import torch
     from diffusers import DiffusionPipeline
 
-    folder, revision = resolve_source(spec)
+    check_safetensors_only(info.folder)
     pipeline = DiffusionPipeline.from_pretrained(
-        folder,
-        dtype=getattr(torch, spec.dtype),
-        variant=spec.variant,
-        use_safetensors=True,
-        local_files_only=True,
+        info.folder, dtype=getattr(torch, info.spec.dtype), variant=info.spec.variant,
+        use_safetensors=True, local_files_only=True,
     )
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline, revision
+    return pipeline
+
+
+def pipeline_bytes(pipeline) -> int:
+    import torch
+
+    modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
 class ModelRegistry:
-    def __init__(self, models_file: ModelsFile, device: str) -> None:
+    def __init__(self, models_file: ModelsFile, device: str, memory_budget_bytes: int | None = None,
+                 cache_dir: str | None = None) -> None:
         self.models_file = models_file
         self.device = device
-        self._loaded: dict[str, LoadedModel] = {}
+        self.memory_budget_bytes = memory_budget_bytes
+        self.cache_dir = cache_dir
+        self.infos: dict[str, ModelInfo] = {}
+        self._resident: OrderedDict[str, LoadedModel] = OrderedDict()
+        self.evictions = 0
+        self.load_seconds: dict[str, float] = {}
 
     @property
     def default_alias(self) -> str:
         return self.models_file.default
 
-    def spec(self, alias: str) -> ModelSpec | None:
-        return self.models_file.models.get(alias)
+    def prepare(self) -> None:
+        """Fetch (or find in the cache) and describe every model; refuse pickle-only ones."""
+        for alias, spec in self.models_file.models.items():
+            folder, revision = download(spec, self.cache_dir)
+            check_safetensors_only(folder)
+            self.infos[alias] = describe(alias, spec, folder, revision)
+
+    def info(self, alias: str) -> ModelInfo | None:
+        return self.infos.get(alias)
 
     def warm(self) -> None:
-        for alias in self.models_file.models:
+        """Load every model once (so a broken one fails the start, not a job); the default loads last
+        and so stays resident whatever the budget."""
+        for alias in [a for a in self.infos if a != self.default_alias] + [self.default_alias]:
             self.get(alias)
 
+    def is_resident(self, alias: str) -> bool:
+        return alias in self._resident
+
+    @property
+    def resident(self) -> list[str]:
+        return list(self._resident)
+
     def get(self, alias: str) -> LoadedModel:
-        if alias not in self._loaded:
-            spec = self.models_file.models[alias]
-            log.info("loading model %s from %s", alias, spec.source)
-            pipeline, revision = load_pipeline(spec, self.device)
-            self._loaded[alias] = LoadedModel(alias, spec, revision, pipeline, sampler_for(pipeline))
-        return self._loaded[alias]
+        """The loaded pipeline for `alias`, loading it (and evicting others) if needed. GPU thread only."""
+        if alias in self._resident:
+            self._resident.move_to_end(alias)
+            return self._resident[alias]
+        info = self.infos[alias]
+        started = time.perf_counter()
+        pipeline = load_pipeline(info, self.device)
+        self.load_seconds[alias] = time.perf_counter() - started
+        loaded = LoadedModel(info, pipeline, sampler_for(pipeline), pipeline_bytes(pipeline))
+        log.info("loaded model %s (%s, %.0f MB) in %.1fs", alias, info.revision, loaded.bytes / 2**20,
+                 self.load_seconds[alias])
+        self._resident[alias] = loaded
+        self._evict_until_fits(keep=alias)
+        return loaded
+
+    def _over_budget(self) -> bool:
+        used = sum(m.bytes for m in self._resident.values())
+        return self.memory_budget_bytes is not None and used > self.memory_budget_bytes
+
+    def _evict_until_fits(self, keep: str) -> None:
+        while self._over_budget() and len(self._resident) > 1:
+            victim = next(a for a in self._resident if a != keep)
+            log.info("evicting model %s to stay under the memory budget", victim)
+            del self._resident[victim]
+            self.evictions += 1
+            self._free_memory()
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -15,7 +15,7 @@ from diffqueue.producer.connection import RedisKeys
 from diffqueue.producer.models import ErrorInfo, ImageInfo, JobResult, JobState, Timings, WebhookEventType
 
 from .batcher import Batcher, BatchOutcome, JobCanceled
-from .generation import run_batch
+from .generation import BatchRunner
 from .images import CONTENT_TYPES, EXTENSIONS, encode_image
 from .jobs import Job, JobError, parse_request, resolve_job
 from .registry import ModelRegistry, ModelsFile
@@ -50,7 +50,9 @@ class WorkerRuntime:
     def create(cls, settings: WorkerSettings, app: Celery) -> "WorkerRuntime":
         client = redis.Redis.from_url(settings.broker_url)
         keys = RedisKeys(settings.key_prefix)
-        registry = ModelRegistry(ModelsFile.load(settings.models_file), settings.resolved_device())
+        device = settings.resolved_device()
+        registry = ModelRegistry(ModelsFile.load(settings.models_file), device,
+                                 settings.memory_budget_bytes(device), settings.hf_cache_dir)
         outbox = dispatcher = None
         if settings.webhook_secret is not None:
             outbox = WebhookOutbox(
@@ -62,14 +64,16 @@ class WorkerRuntime:
             )
             dispatcher = WebhookDispatcher(outbox, poll_s=settings.webhook_poll_s)
         batcher = Batcher(
-            run_batch, settings.max_batch, settings.max_batch_pixels, settings.max_wait_ms,
+            BatchRunner(registry), settings.max_batch, settings.max_batch_pixels, settings.max_wait_ms,
             is_canceled=lambda job_id: bool(client.exists(keys.cancel(job_id))),
+            is_resident=registry.is_resident, max_model_wait_s=settings.max_model_wait_s,
         )
         return cls(settings, registry, batcher, storage_from_settings(settings), ResultStore(app),
                    outbox, dispatcher, client, keys)
 
     def start(self) -> None:
-        """Load every model before taking jobs, then start the GPU and webhook threads."""
+        """Fetch, check and load every model before taking jobs, then start the GPU and webhook threads."""
+        self.registry.prepare()
         self.registry.warm()
         self.batcher.start()
         if self.dispatcher:

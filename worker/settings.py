@@ -22,6 +22,9 @@ class WorkerSettings(QueueSettings):
     png_parameters: bool = True  # write the generation parameters into PNG text chunks
     webhook_secret: SecretStr | None = None
     device: str = "auto"  # auto = cuda when available, else cpu
+    hf_cache_dir: str | None = None  # default: huggingface_hub's (HF_HUB_CACHE / HF_HOME); mount a volume here
+    model_memory_budget_mb: int | None = None  # resident pipelines; default 80% of GPU memory, 50% of RAM
+    max_model_wait_s: float = Field(default=30.0, ge=0)  # longest a job waits behind jobs of resident models
 
     max_batch: int = Field(default=8, ge=1)  # images per denoising loop
     max_batch_pixels: int = Field(default=8 * 1024 * 1024, ge=1)  # sum of width*height over a batch
@@ -41,6 +44,17 @@ class WorkerSettings(QueueSettings):
     @property
     def celery_concurrency(self) -> int:
         return self.concurrency or 2 * self.max_batch
+
+    def memory_budget_bytes(self, device: str) -> int:
+        if self.model_memory_budget_mb is not None:
+            return self.model_memory_budget_mb * 2**20
+        if device.startswith("cuda"):
+            import torch
+
+            return int(0.8 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
+        import os
+
+        return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -54,10 +54,14 @@ class Sampler(ABC):
     def device(self) -> torch.device:
         return self.pipeline._execution_device
 
-    @property
+    @classmethod
     @abstractmethod
+    def size_multiple_for(cls, vae_scale_factor: int) -> int:
+        """Width and height must be multiples of this, for a VAE with this scale factor."""
+
+    @property
     def size_multiple(self) -> int:
-        """Width and height must be multiples of this."""
+        return self.size_multiple_for(self.pipeline.vae_scale_factor)
 
     @abstractmethod
     def needs_cfg(self, guidance_scale: float) -> bool:

@@ -28,9 +28,9 @@ def step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
 
 
 class StableDiffusionSampler(Sampler):
-    @property
-    def size_multiple(self) -> int:
-        return self.pipeline.vae_scale_factor
+    @classmethod
+    def size_multiple_for(cls, vae_scale_factor: int) -> int:
+        return vae_scale_factor
 
     def needs_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 1 and self.pipeline.unet.config.time_cond_proj_dim is None

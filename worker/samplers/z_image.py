@@ -21,9 +21,9 @@ MAX_SEQUENCE_LENGTH = 512
 
 
 class ZImageSampler(Sampler):
-    @property
-    def size_multiple(self) -> int:
-        return self.pipeline.vae_scale_factor * 2
+    @classmethod
+    def size_multiple_for(cls, vae_scale_factor: int) -> int:
+        return vae_scale_factor * 2  # latents are patchified 2x2
 
     def needs_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 0
