@@ -102,6 +102,35 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    import json as json_module
+
+    from diffqueue.worker.registry import ModelsFile, download
+    from diffqueue.worker.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    models_file = ModelsFile.load(settings.models_file)
+    failures = 0
+    if args.action == "list":
+        print(f"{'alias':<16} {'state':<8} {'family':<28} {'revision':<42} source")
+    for alias, spec in models_file.models.items():
+        try:
+            folder, revision = download(spec, settings.hf_cache_dir, local_only=args.action == "list")
+            family = json_module.loads((folder / "model_index.json").read_text())["_class_name"]
+        except Exception as error:  # noqa: BLE001 (report every model, then fail)
+            failures += 1
+            if args.action == "list":
+                print(f"{alias:<16} {'missing':<8} {'?':<28} {spec.revision or 'main':<42} {spec.source}")
+            else:
+                print(f"{alias}: {type(error).__name__}: {error}", file=sys.stderr)
+            continue
+        if args.action == "list":
+            print(f"{alias:<16} {'cached':<8} {family:<28} {revision:<42} {spec.source}")
+        else:
+            print(f"{alias} {revision} {folder}")
+    return 1 if failures and args.action == "pull" else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffqueue", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=".demo")
     demo.add_argument("--jobs", type=int, default=6)
     demo.set_defaults(func=cmd_demo)
+
+    models = commands.add_parser("models", help="list the models file's models, or pull them into the cache")
+    models.add_argument("action", choices=["list", "pull"])
+    models.set_defaults(func=cmd_models)
 
     webhooks = commands.add_parser("webhooks", help="dead-lettered webhooks: list or resend")
     webhooks.add_argument("action", choices=["dead", "replay"])

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Nothing is downloaded at test time: set before anything imports huggingface_hub (it reads this once).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 

@@ -113,3 +113,19 @@ def test_max_wait_ms_holds_a_batch_open_only_when_asked(wait_ms, expected):
         future.result(10)
     batcher.stop()
     assert recorder.batches == expected
+
+
+def test_jobs_of_the_resident_model_go_first_but_the_oldest_waits_only_so_long():
+    resident = {"loaded"}
+    recorder = Recorder()
+    batcher = Batcher(recorder, max_batch=1, max_batch_pixels=10**9, is_resident=lambda m: m in resident,
+                      max_model_wait_s=60)
+    rest = [job("cold-1", model="cold"), job("warm-1", model="loaded"), job("warm-2", model="loaded")]
+    run(batcher, recorder, job("first", model="loaded"), rest)
+    assert recorder.batches[1:] == [["warm-1"], ["warm-2"], ["cold-1"]]
+
+    recorder = Recorder()
+    batcher = Batcher(recorder, max_batch=1, max_batch_pixels=10**9, is_resident=lambda m: m in resident,
+                      max_model_wait_s=0.1)
+    run(batcher, recorder, job("first", model="loaded"), rest)
+    assert recorder.batches[1] == ["cold-1"], "past max_model_wait_s the oldest job goes first"

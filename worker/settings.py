@@ -23,7 +23,7 @@ class WorkerSettings(QueueSettings):
     webhook_secret: SecretStr | None = None
     device: str = "auto"  # auto = cuda when available, else cpu
     hf_cache_dir: str | None = None  # default: huggingface_hub's (HF_HUB_CACHE / HF_HOME); mount a volume here
-    model_memory_budget_mb: int | None = None  # resident pipelines; default 80% of GPU memory, 50% of RAM
+    model_memory_budget_mb: float | None = None  # resident pipelines; default 80% of GPU memory, 50% of RAM
     max_model_wait_s: float = Field(default=30.0, ge=0)  # longest a job waits behind jobs of resident models
 
     max_batch: int = Field(default=8, ge=1)  # images per denoising loop
@@ -47,7 +47,7 @@ class WorkerSettings(QueueSettings):
 
     def memory_budget_bytes(self, device: str) -> int:
         if self.model_memory_budget_mb is not None:
-            return self.model_memory_budget_mb * 2**20
+            return int(self.model_memory_budget_mb * 2**20)
         if device.startswith("cuda"):
             import torch
 

@@ -103,22 +103,22 @@ def _sd_scheduler(family: str):
     return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def build_sd(family: str, size: Size):
+def build_sd(family: str, size: Size, seed: int = 0):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     width = 8 if size == "tiny" else 32
     linear = family in ("sd2", "sd-turbo")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(width, 2 * width), layers_per_block=1, sample_size=32, in_channels=4,
         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=width,
         norm_num_groups=2, attention_head_dim=(2, 4) if linear else 8, use_linear_projection=linear,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vae = _sd_vae((width, 2 * width))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_clip_text_config(width))
     return StableDiffusionPipeline(
         unet=unet, scheduler=_sd_scheduler(family), vae=vae, text_encoder=text_encoder,
@@ -127,12 +127,12 @@ def build_sd(family: str, size: Size):
     )
 
 
-def build_sdxl(family: str, size: Size):
+def build_sdxl(family: str, size: Size, seed: int = 0):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     width = 2 if size == "tiny" else 16
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(width, 2 * width), layers_per_block=2, sample_size=32, in_channels=4,
         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -141,9 +141,9 @@ def build_sdxl(family: str, size: Size):
         transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
         cross_attention_dim=64, norm_num_groups=1,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vae = _sd_vae((32, 64), groups=32, sample_size=128)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_clip_text_config(32))
     text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(32, projection_dim=32))
     return StableDiffusionXLPipeline(
@@ -153,12 +153,12 @@ def build_sdxl(family: str, size: Size):
     )
 
 
-def build_zimage(size: Size):
+def build_zimage(size: Size, seed: int = 0):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     dim = 32 if size == "tiny" else 64
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=dim, n_layers=2,
         n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16,
@@ -168,13 +168,13 @@ def build_zimage(size: Size):
         # Allocated with torch.empty upstream: fill them so the saved weights are finite.
         transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
         transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
         latent_channels=16, norm_num_groups=32, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     text_encoder = Qwen3Model(
         Qwen3Config(
             hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -188,19 +188,22 @@ def build_zimage(size: Size):
     )
 
 
-def build_tiny_pipeline(family: Family, size: Size = "tiny"):
+def build_tiny_pipeline(family: Family, size: Size = "tiny", seed: int = 0):
     if family in ("sd", "sd2", "sd-turbo"):
-        return build_sd(family, size)
+        return build_sd(family, size, seed)
     if family in ("sdxl", "sdxl-turbo"):
-        return build_sdxl(family, size)
+        return build_sdxl(family, size, seed)
     if family == "zimage":
-        return build_zimage(size)
+        return build_zimage(size, seed)
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
-def write_tiny_model(directory: Path, family: Family, size: Size = "tiny") -> Path:
-    """Build a tiny pipeline of `family` and save it (safetensors only) to `directory`."""
-    pipeline = build_tiny_pipeline(family, size)
+def write_tiny_model(directory: Path, family: Family, size: Size = "tiny", seed: int = 0,
+                     safe_serialization: bool = True) -> Path:
+    """Build a tiny pipeline of `family` (weights drawn from `seed`) and save it to `directory`.
+
+    `safe_serialization=False` writes pickle-based weights: only for testing that they are refused."""
+    pipeline = build_tiny_pipeline(family, size, seed)
     directory = Path(directory)
-    pipeline.save_pretrained(directory, safe_serialization=True)
+    pipeline.save_pretrained(directory, safe_serialization=safe_serialization)
     return directory
