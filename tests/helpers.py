@@ -36,8 +36,9 @@ def plain_celery(redis_url: str) -> Celery:
 class WorkerProcess:
     """`diffqueue worker` in a subprocess, on its own queue, stopped with SIGTERM like a container."""
 
-    def __init__(self, redis_url: str, models_file: Path, storage_dir: Path, secret: str, **env: str) -> None:
-        self.queue = f"test-{uuid.uuid4().hex[:8]}"
+    def __init__(self, redis_url: str, models_file: Path, storage_dir: Path, secret: str,
+                 queue: str | None = None, **env: str) -> None:
+        self.queue = queue or f"test-{uuid.uuid4().hex[:8]}"
         self.redis_url = redis_url
         self.log_path = storage_dir.parent / f"worker-{self.queue}.log"
         self.env = {
@@ -56,12 +57,17 @@ class WorkerProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> "WorkerProcess":
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "diffqueue.cli", "worker", "--loglevel", "INFO"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )
+        self.launch()
         self.wait_ready(timeout)
+        return self
+
+    def launch(self) -> "WorkerProcess":
+        """Start the process without waiting for it to take jobs."""
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "diffqueue.cli", "worker", "--loglevel", "INFO"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
         return self
 
     def wait_ready(self, timeout: float) -> None:

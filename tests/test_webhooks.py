@@ -162,10 +162,8 @@ def test_worker_killed_with_deliveries_pending_delivers_them_after_restart(
     receiver = HTTPServer(host="127.0.0.1", port=port)
     receiver.expect_request("/after").respond_with_data("ok")
     receiver.start()
-    restarted = WorkerProcess(redis_server.url, models_file, tmp_path / "images", webhook_secret, **settings)
-    restarted.queue = first.queue
-    restarted.env["DIFFQUEUE_QUEUE"] = first.queue
-    restarted.start()
+    restarted = WorkerProcess(redis_server.url, models_file, tmp_path / "images", webhook_secret,
+                              queue=first.queue, **settings).start()
     try:
         bodies = wait_for(lambda: [b for b in webhook_bodies(receiver, webhook_secret)
                                    if b["type"] == "job.succeeded"], timeout=30)

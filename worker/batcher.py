@@ -69,6 +69,7 @@ class Batcher:
         self._changed = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="diffqueue-gpu", daemon=True)
+        self.busy_since: float | None = None  # when the batch on the GPU started; None when idle
 
     def start(self) -> None:
         self._thread.start()
@@ -85,6 +86,9 @@ class Batcher:
             self._pending.append(_Pending(job.priority, next(self._sequence), job, future))
             self._changed.notify_all()
         return future
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     @property
     def pending_count(self) -> int:
@@ -156,10 +160,11 @@ class Batcher:
 
     def _generate(self, batch: list[_Pending]) -> None:
         """Run a batch; on failure split it in halves, so one bad job cannot fail the others."""
-        started = time.time()
+        started = self.busy_since = time.time()
         try:
             images = self.run_batch([item.job for item in batch])
         except Exception as error:
+            self.busy_since = None
             if len(batch) == 1:
                 log.exception("job %s failed in generation", batch[0].job.id)
                 batch[0].future.set_exception(error)
@@ -169,6 +174,7 @@ class Batcher:
             self._generate(batch[:half])
             self._generate(batch[half:])
             return
+        self.busy_since = None
         seconds = time.time() - started
         size = self._images(batch)
         for item, job_images in zip(batch, images, strict=True):

@@ -16,6 +16,7 @@ from diffqueue.producer.models import ErrorInfo, ImageInfo, JobResult, JobState,
 
 from .batcher import Batcher, BatchOutcome, JobCanceled
 from .generation import BatchRunner
+from .metrics import HealthServer, Metrics, gauge
 from .images import CONTENT_TYPES, EXTENSIONS, encode_image
 from .jobs import Job, JobError, parse_request, resolve_job
 from .registry import ModelRegistry, ModelsFile
@@ -45,11 +46,15 @@ class WorkerRuntime:
     dispatcher: WebhookDispatcher | None
     redis: redis.Redis
     keys: RedisKeys
+    metrics: Metrics
+    health: HealthServer | None = None
+    ready: bool = False
 
     @classmethod
     def create(cls, settings: WorkerSettings, app: Celery) -> "WorkerRuntime":
         client = redis.Redis.from_url(settings.broker_url)
         keys = RedisKeys(settings.key_prefix)
+        metrics = Metrics()
         device = settings.resolved_device()
         registry = ModelRegistry(ModelsFile.load(settings.models_file), device,
                                  settings.memory_budget_bytes(device), settings.hf_cache_dir)
@@ -61,28 +66,75 @@ class WorkerRuntime:
                 base_s=settings.webhook_retry_base_s, max_s=settings.webhook_retry_max_s,
                 allow_private=settings.allow_private_urls, allow_hosts=tuple(settings.url_allow_list),
                 lease_s=settings.webhook_lease_s,
+                observe=lambda event, result, seconds: metrics.webhook.labels(event, result).observe(seconds),
             )
             dispatcher = WebhookDispatcher(outbox, poll_s=settings.webhook_poll_s)
         batcher = Batcher(
-            BatchRunner(registry), settings.max_batch, settings.max_batch_pixels, settings.max_wait_ms,
+            BatchRunner(registry, metrics), settings.max_batch, settings.max_batch_pixels, settings.max_wait_ms,
             is_canceled=lambda job_id: bool(client.exists(keys.cancel(job_id))),
             is_resident=registry.is_resident, max_model_wait_s=settings.max_model_wait_s,
         )
-        return cls(settings, registry, batcher, storage_from_settings(settings), ResultStore(app),
-                   outbox, dispatcher, client, keys)
+        runtime = cls(settings, registry, batcher, storage_from_settings(settings), ResultStore(app),
+                      outbox, dispatcher, client, keys, metrics)
+        metrics.add_collector(runtime._gauges)
+        if settings.metrics_port is not None:
+            runtime.health = HealthServer(settings.metrics_host, settings.metrics_port, metrics,
+                                          runtime.is_live, lambda: runtime.ready)
+        return runtime
 
     def start(self) -> None:
-        """Fetch, check and load every model before taking jobs, then start the GPU and webhook threads."""
+        """Fetch, check and load every model before taking jobs, then start the GPU and webhook threads.
+        The health server answers from the start; /readyz turns 200 only once models are warm."""
+        if self.health:
+            self.health.start()
         self.registry.prepare()
         self.registry.warm()
         self.batcher.start()
         if self.dispatcher:
             self.dispatcher.start()
+        self.ready = True
 
     def stop(self) -> None:
+        self.ready = False
         self.batcher.stop(timeout=60)
         if self.dispatcher:
             self.dispatcher.stop()
+        if self.health:
+            self.health.stop()
+
+    def is_live(self) -> tuple[bool, str]:
+        if not self.ready:
+            return True, "starting"
+        if not self.batcher.is_alive():
+            return False, "the GPU thread has died"
+        if self.dispatcher and not self.dispatcher.is_alive():
+            return False, "the webhook thread has died"
+        busy_since = self.batcher.busy_since
+        if busy_since is not None and time.time() - busy_since > self.settings.liveness_max_batch_s:
+            return False, f"a batch has been running for {time.time() - busy_since:.0f}s"
+        return True, "ok"
+
+    def _gauges(self) -> list:
+        from diffqueue.producer.client import queue_list_names
+
+        queued = sum(self.redis.llen(name) for name in queue_list_names(self.settings.queue))
+        families = [
+            gauge("diffqueue_pending_jobs", "Jobs waiting: in the Redis queue, or held by this worker",
+                  labels={"queue": queued, "worker": self.batcher.pending_count}, label_name="where"),
+            gauge("diffqueue_ready", "1 once models are warm and the worker takes jobs", float(self.ready)),
+            gauge("diffqueue_resident_models", "Pipelines loaded in memory", len(self.registry.resident)),
+            gauge("diffqueue_model_load_seconds", "Last load time of each model",
+                  labels=dict(self.registry.load_seconds), label_name="model"),
+            gauge("diffqueue_model_evictions", "Pipelines evicted to stay under the memory budget",
+                  self.registry.evictions),
+        ]
+        import torch
+
+        if torch.cuda.is_available():
+            families.append(gauge("diffqueue_gpu_memory_bytes", "CUDA memory of this process", labels={
+                "allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved()},
+                label_name="kind"))
+        return families
 
     def handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], priority: int = 0) -> dict:
         received_at = time.time()
@@ -158,6 +210,11 @@ class WorkerRuntime:
 
     def _finish(self, result: JobResult, callback: str | None) -> dict:
         self.results.record(result)
+        self.metrics.jobs.labels(result.status.value, result.error.code if result.error else "").inc()
+        if result.timings.queued is not None:
+            self.metrics.queue_wait.observe(result.timings.queued)
+        if result.timings.upload is not None:
+            self.metrics.upload.observe(result.timings.upload)
         if callback and self.outbox:
             self.outbox.enqueue(callback, TERMINAL_EVENTS[result.status], result)
         log.info("job %s %s%s", result.id, result.status.value,

@@ -34,6 +34,10 @@ class WorkerSettings(QueueSettings):
     allow_private_urls: bool = Field(default=False, validation_alias="DIFFQUEUE_ALLOW_PRIVATE_CALLBACKS")
     url_allow_list: list[str] = Field(default_factory=list)  # hosts allowed even when private
 
+    metrics_host: str = "127.0.0.1"  # the container sets 0.0.0.0
+    metrics_port: int | None = None  # /metrics, /livez, /readyz; None = no HTTP server
+    liveness_max_batch_s: float = 900.0  # a batch running longer than this makes /livez fail
+
     webhook_timeout_s: float = 15.0
     webhook_retry_horizon_s: float = 3600.0
     webhook_retry_base_s: float = 5.0

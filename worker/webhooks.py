@@ -15,6 +15,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
@@ -95,9 +96,11 @@ class WebhookOutbox:
         allow_private: bool = False,
         allow_hosts: tuple[str, ...] = (),
         lease_s: float = LEASE_S,
+        observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.redis = client
         self.lease_s = lease_s
+        self.observe = observe or (lambda event, result, seconds: None)
         self.keys = keys
         self.signer = Webhook(secret) if secret else None  # None: can list and replay, not deliver
         self.timeout_s = timeout_s
@@ -143,13 +146,16 @@ class WebhookOutbox:
             return
         delivery = Delivery.model_validate_json(raw)
         delivery.attempts += 1
+        started = time.perf_counter()
         try:
             check_url(delivery.url, self.allow_private, self.allow_hosts)
             response = self._post(delivery)
         except UnsafeURL as error:
             return self._dead(delivery, f"refused: {error}")
         except httpx.HTTPError as error:
+            self.observe(delivery.event_type, "error", time.perf_counter() - started)
             return self._retry(delivery, f"{type(error).__name__}: {error}", None)
+        self.observe(delivery.event_type, str(response.status_code), time.perf_counter() - started)
         if response.is_success:
             log.info("webhook %s %s delivered after %d attempt(s)", delivery.event_type, delivery.id,
                      delivery.attempts)
@@ -219,6 +225,9 @@ class WebhookDispatcher:
 
     def start(self) -> None:
         self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()
