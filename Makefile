@@ -39,7 +39,7 @@ bench: $(STAMP) redis-server
 	$(PY) -m bench.run
 
 lint: $(STAMP)
-	$(VENV)/bin/hadolint docker/Dockerfile
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cpu
 
 clean:
 	rm -rf .demo bench/results .pytest_cache .tools
