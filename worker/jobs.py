@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from PIL import Image
 
 from pydantic import ValidationError
 
@@ -38,6 +41,7 @@ class BatchKey:
     width: int
     height: int
     num_inference_steps: int
+    strength: float | None
 
 
 @dataclass
@@ -53,14 +57,17 @@ class Job:
     negative_prompt: str | None
     priority: int = 0
     received_at: float = field(default_factory=time.time)
+    init_image: Image.Image | None = None
+    strength: float | None = None
 
     @property
     def key(self) -> BatchKey:
-        return BatchKey(self.model.alias, self.request.mode, self.width, self.height, self.num_inference_steps)
+        return BatchKey(self.model.alias, self.request.mode, self.width, self.height, self.num_inference_steps,
+                        self.strength)
 
     @property
     def shape(self) -> BatchShape:
-        return BatchShape(self.width, self.height, self.num_inference_steps)
+        return BatchShape(self.width, self.height, self.num_inference_steps, self.strength)
 
     @property
     def pixels(self) -> int:
@@ -68,7 +75,7 @@ class Job:
 
     def samples(self) -> list[Sample]:
         return [
-            Sample(self.request.prompt, self.negative_prompt, self.guidance_scale, self.seed + k)
+            Sample(self.request.prompt, self.negative_prompt, self.guidance_scale, self.seed + k, self.init_image, k)
             for k in range(self.request.num_images)
         ]
 
@@ -93,14 +100,18 @@ def parse_request(args: tuple, kwargs: dict[str, Any]) -> GenerationRequest:
         raise JobError("invalid_request", return_msg, field_name) from None
 
 
-def resolve_job(job_id: str, request: GenerationRequest, registry: ModelRegistry, priority: int = 0) -> Job:
-    """Apply the model's defaults and check its limits."""
+FetchImage = Callable[[str, str], Image.Image]  # (url, field name) -> image
+
+
+def resolve_job(job_id: str, request: GenerationRequest, registry: ModelRegistry, fetch_image: FetchImage,
+                priority: int = 0) -> Job:
+    """Apply the model's defaults, check its limits, and fetch input images."""
     alias = request.model or registry.default_alias
     model = registry.info(alias)
     if model is None:
         raise JobError("invalid_request", f"model: unknown model {alias!r}", "model")
-    if request.mode is not Mode.txt2img:
-        raise JobError("unsupported", f"mode: {request.mode.value} is not supported by this worker yet", "mode")
+    if request.mode is Mode.inpaint:
+        raise JobError("unsupported", "mode: inpaint is not supported by this worker yet", "mode")
     spec = model.spec
     default_width, default_height = model.default_size
     job = Job(
@@ -117,7 +128,21 @@ def resolve_job(job_id: str, request: GenerationRequest, registry: ModelRegistry
         priority=priority,
     )
     check_limits(job)
+    if request.mode is Mode.img2img:
+        attach_input_image(job, fetch_image)
     return job
+
+
+def attach_input_image(job: Job, fetch_image: FetchImage) -> None:
+    if job.request.image_url is None:
+        raise JobError("invalid_request", "image_url: required for img2img", "image_url")
+    job.strength = job.request.strength if job.request.strength is not None else job.model.default_strength
+    if int(job.num_inference_steps * job.strength) < 1:
+        raise JobError("invalid_request", "strength: num_inference_steps * strength must be at least 1", "strength")
+    image = fetch_image(str(job.request.image_url), "image_url")
+    # The output has the job's size, so the input is brought to it first (stock would keep the input's).
+    job.init_image = image if image.size == (job.width, job.height) else image.resize(
+        (job.width, job.height), Image.Resampling.BICUBIC)
 
 
 def check_limits(job: Job) -> None:

@@ -107,6 +107,10 @@ class ModelInfo:
     size_multiple: int
     default_size: tuple[int, int]
 
+    @property
+    def default_strength(self) -> float:
+        return SAMPLERS[self.family].default_strength
+
 
 @dataclass
 class LoadedModel:

@@ -18,6 +18,7 @@ from .batcher import Batcher, BatchOutcome, JobCanceled
 from .generation import BatchRunner
 from .metrics import HealthServer, Metrics, gauge
 from .images import CONTENT_TYPES, EXTENSIONS, encode_image
+from .inputs import fetch_image
 from .jobs import Job, JobError, parse_request, resolve_job
 from .registry import ModelRegistry, ModelsFile
 from .results import ResultStore
@@ -146,7 +147,7 @@ class WorkerRuntime:
         try:
             request = parse_request(args, kwargs)
             callback = self._checked_callback(request.callback_url)
-            job = resolve_job(job_id, request, self.registry, priority)
+            job = resolve_job(job_id, request, self.registry, self._fetch_image, priority)
         except JobError as error:
             failed = JobResult(id=job_id, status=JobState.failed, metadata=self._raw_metadata(kwargs),
                                error=ErrorInfo(code=error.code, message=error.message, field=error.field))
@@ -220,6 +221,10 @@ class WorkerRuntime:
         log.info("job %s %s%s", result.id, result.status.value,
                  f" ({result.error.code}: {result.error.message})" if result.error else "")
         return result.model_dump(mode="json")
+
+    def _fetch_image(self, url: str, field: str):
+        return fetch_image(url, field, self.settings.max_input_bytes, self.settings.allow_private_urls,
+                           tuple(self.settings.url_allow_list))
 
     def _checked_callback(self, url: object) -> str | None:
         if url is None:

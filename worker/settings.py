@@ -31,6 +31,7 @@ class WorkerSettings(QueueSettings):
     max_wait_ms: int = Field(default=0, ge=0)  # wait this long for a batch to fill; 0 = never wait
     concurrency: int | None = Field(default=None, ge=1)  # Celery threads; default 2 * max_batch
 
+    max_input_bytes: int = 20 * 2**20  # img2img input images
     allow_private_urls: bool = Field(default=False, validation_alias="DIFFQUEUE_ALLOW_PRIVATE_CALLBACKS")
     url_allow_list: list[str] = Field(default_factory=list)  # hosts allowed even when private
 

@@ -17,6 +17,8 @@ class Sample:
     negative_prompt: str | None
     guidance_scale: float
     seed: int
+    image: Image.Image | None = None  # img2img: the input image, already at the batch's size
+    index_in_job: int = 0  # k for image k of its job
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class BatchShape:
     width: int
     height: int
     num_inference_steps: int
+    strength: float | None = None  # img2img only
 
 
 def cpu_generators(samples: list[Sample]) -> list[torch.Generator]:
@@ -46,6 +49,8 @@ def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Ten
 
 class Sampler(ABC):
     """Generates a batch of samples with one pipeline's components; one call at a time per pipeline."""
+
+    default_strength: float  # img2img strength when a job sets none: the stock pipeline's default
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline

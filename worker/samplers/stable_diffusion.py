@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -28,6 +29,7 @@ def step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
 
 
 class StableDiffusionSampler(Sampler):
+    default_strength = 0.8  # StableDiffusionImg2ImgPipeline's
     @classmethod
     def size_multiple_for(cls, vae_scale_factor: int) -> int:
         return vae_scale_factor
@@ -50,9 +52,8 @@ class StableDiffusionSampler(Sampler):
         scales = torch.tensor([samples[i].guidance_scale for i in cfg])
 
         scheduler = fresh_scheduler(pipe)
-        timesteps, _ = retrieve_timesteps(scheduler, shape.num_inference_steps, device)
         generators = cpu_generators(samples)
-        latents = self.initial_latents(scheduler, generators, shape, positive.dtype)
+        timesteps, latents = self.start(scheduler, samples, generators, shape, positive.dtype)
         extra = step_kwargs(scheduler, generators)
 
         for t in timesteps:
@@ -61,6 +62,29 @@ class StableDiffusionSampler(Sampler):
             noise = self.guide(noise, cfg, scales)
             latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
         return self.decode(latents)
+
+    def start(self, scheduler, samples: list[Sample], generators, shape: BatchShape, dtype: torch.dtype):
+        """The timesteps to run and the latents to start from: pure noise, or the noised input image."""
+        timesteps, _ = retrieve_timesteps(scheduler, shape.num_inference_steps, self.device)
+        if shape.strength is None:
+            return timesteps, self.initial_latents(scheduler, generators, shape, dtype)
+        # As StableDiffusionImg2ImgPipeline.get_timesteps: skip the first (1 - strength) of the schedule.
+        steps = shape.num_inference_steps
+        t_start = max(steps - min(int(steps * shape.strength), steps), 0) * scheduler.order
+        timesteps = timesteps[t_start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start)
+        return timesteps, self.noised_image_latents(scheduler, samples, generators, timesteps[:1], dtype)
+
+    def noised_image_latents(self, scheduler, samples, generators, first_timestep, dtype) -> torch.Tensor:
+        vae = self.pipeline.vae
+        images = self.pipeline.image_processor.preprocess([s.image for s in samples]).to(self.device, dtype)
+        # Each image is encoded with its own generator, as the stock pipeline does with a generator list.
+        encoded = torch.cat([retrieve_latents(vae.encode(images[i : i + 1]), generator=generator)
+                             for i, generator in enumerate(generators)])
+        latents = vae.config.scaling_factor * encoded
+        noise = randn_tensor(latents.shape, generator=generators, device=self.device, dtype=dtype)
+        return scheduler.add_noise(latents, noise, first_timestep.repeat(len(samples)))
 
     def initial_latents(self, scheduler, generators, shape: BatchShape, dtype: torch.dtype) -> torch.Tensor:
         factor = self.pipeline.vae_scale_factor

@@ -12,6 +12,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import (
     get_default_z_image_sigmas,
     retrieve_timesteps,
 )
+from diffusers.pipelines.z_image.pipeline_z_image_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -21,6 +22,7 @@ MAX_SEQUENCE_LENGTH = 512
 
 
 class ZImageSampler(Sampler):
+    default_strength = 0.6  # ZImageImg2ImgPipeline's
     @classmethod
     def size_multiple_for(cls, vae_scale_factor: int) -> int:
         return vae_scale_factor * 2  # latents are patchified 2x2
@@ -32,10 +34,10 @@ class ZImageSampler(Sampler):
         # _encode_prompt rewrites the list it is given in place; hand it a copy.
         return self.pipeline._encode_prompt(list(texts), self.device, max_sequence_length=MAX_SEQUENCE_LENGTH)
 
-    def timesteps(self, scheduler, latents: torch.Tensor, steps: int) -> torch.Tensor:
+    def timesteps(self, scheduler, latent_size: tuple[int, int], steps: int) -> torch.Tensor:
         config = scheduler.config
         mu = calculate_shift(
-            (latents.shape[2] // 2) * (latents.shape[3] // 2),
+            (latent_size[0] // 2) * (latent_size[1] // 2),
             config.get("base_image_seq_len", 256),
             config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5),
@@ -56,9 +58,15 @@ class ZImageSampler(Sampler):
         captions += self.encode([samples[i].negative_prompt or "" for i in cfg]) if cfg else []
         scales = torch.tensor([samples[i].guidance_scale for i in cfg])
 
-        latents = self.initial_latents(cpu_generators(samples), shape)
         scheduler = fresh_scheduler(pipe)
-        for t in self.timesteps(scheduler, latents, shape.num_inference_steps):
+        generators = cpu_generators(samples)
+        timesteps = self.timesteps(scheduler, self.latent_size(shape), shape.num_inference_steps)
+        if shape.strength is None:
+            latents = self.initial_latents(generators, shape)
+        else:
+            timesteps = self.truncate(scheduler, timesteps, shape)
+            latents = self.noised_image_latents(scheduler, samples, generators, timesteps[:1], captions[0].dtype)
+        for t in timesteps:
             timestep = (1000 - t.expand(len(samples))) / 1000
             frames = latents.to(pipe.transformer.dtype).unsqueeze(2)
             inputs = list(frames.unbind(0)) + [frames[i] for i in cfg]
@@ -67,16 +75,35 @@ class ZImageSampler(Sampler):
             latents = scheduler.step(-velocity.squeeze(2), t, latents, return_dict=False)[0]
         return self.decode(latents)
 
+    def latent_size(self, shape: BatchShape) -> tuple[int, int]:
+        return 2 * (shape.height // self.size_multiple), 2 * (shape.width // self.size_multiple)
+
     def initial_latents(self, generators: list[torch.Generator], shape: BatchShape) -> torch.Tensor:
-        factor = self.size_multiple
-        size = (
-            len(generators),
-            self.pipeline.transformer.in_channels,
-            2 * (shape.height // factor),
-            2 * (shape.width // factor),
-        )
+        size = (len(generators), self.pipeline.transformer.in_channels, *self.latent_size(shape))
         # Z-Image's latents are float32 whatever the transformer's dtype.
         return randn_tensor(size, generator=generators, device=self.device, dtype=torch.float32)
+
+    @staticmethod
+    def truncate(scheduler, timesteps: torch.Tensor, shape: BatchShape) -> torch.Tensor:
+        # As ZImageImg2ImgPipeline.get_timesteps (which rounds differently from SD's).
+        steps = shape.num_inference_steps
+        t_start = int(max(steps - min(steps * shape.strength, steps), 0)) * scheduler.order
+        scheduler.set_begin_index(t_start)
+        return timesteps[t_start:]
+
+    def noised_image_latents(self, scheduler, samples, generators, first_timestep, dtype) -> torch.Tensor:
+        vae = self.pipeline.vae
+        images = self.pipeline.image_processor.preprocess([s.image for s in samples]).to(torch.float32)
+        images = images.to(self.device, dtype)
+        # Stock encodes a job's image once, with the generator of its first image, and reuses it.
+        encoded = []
+        for i, sample in enumerate(samples):
+            if sample.index_in_job == 0:
+                current = retrieve_latents(vae.encode(images[i : i + 1]), generator=generators[i])
+            encoded.append(current)
+        latents = (torch.cat(encoded) - vae.config.shift_factor) * vae.config.scaling_factor
+        noise = randn_tensor(latents.shape, generator=generators, device=self.device, dtype=dtype)
+        return scheduler.scale_noise(latents, first_timestep.repeat(len(samples)), noise)
 
     @staticmethod
     def guide(outputs: list[torch.Tensor], count: int, cfg: list[int], scales: torch.Tensor) -> torch.Tensor:
