@@ -19,7 +19,8 @@ BAD_REQUESTS = [
     ({"prompt": "x", "guidance_scale": -1.0}, "guidance_scale"),
     ({"prompt": "x", "model": "no-such-model"}, "model"),
     ({"prompt": "x", "mode": "video"}, "mode"),
-    ({"prompt": "x", "mode": "inpaint", "image_url": "https://example.com/a.png"}, "mode"),  # not served yet
+    ({"prompt": "x", "mode": "inpaint", "model": "sdxl", "image_url": "https://example.com/a.png",
+      "mask_url": "https://example.com/m.png"}, "mode"),  # SDXL inpaint is not served yet
     ({"prompt": "x", "width": 63}, "width"),  # not a multiple of the VAE factor
     ({"prompt": "x", "num_images": 9}, "num_images"),
     ({"prompt": "x", "colour": "red"}, "colour"),

@@ -58,6 +58,7 @@ class Job:
     priority: int = 0
     received_at: float = field(default_factory=time.time)
     init_image: Image.Image | None = None
+    mask_image: Image.Image | None = None
     strength: float | None = None
 
     @property
@@ -67,7 +68,8 @@ class Job:
 
     @property
     def shape(self) -> BatchShape:
-        return BatchShape(self.width, self.height, self.num_inference_steps, self.strength)
+        return BatchShape(self.width, self.height, self.num_inference_steps, self.strength,
+                          self.request.mode is Mode.inpaint)
 
     @property
     def pixels(self) -> int:
@@ -75,7 +77,8 @@ class Job:
 
     def samples(self) -> list[Sample]:
         return [
-            Sample(self.request.prompt, self.negative_prompt, self.guidance_scale, self.seed + k, self.init_image, k)
+            Sample(self.request.prompt, self.negative_prompt, self.guidance_scale, self.seed + k, self.init_image,
+                   self.mask_image, k)
             for k in range(self.request.num_images)
         ]
 
@@ -110,8 +113,8 @@ def resolve_job(job_id: str, request: GenerationRequest, registry: ModelRegistry
     model = registry.info(alias)
     if model is None:
         raise JobError("invalid_request", f"model: unknown model {alias!r}", "model")
-    if request.mode is Mode.inpaint:
-        raise JobError("unsupported", "mode: inpaint is not supported by this worker yet", "mode")
+    if request.mode not in model.modes:
+        raise JobError("unsupported", f"mode: {request.mode.value} is not served for {model.family} yet", "mode")
     spec = model.spec
     default_width, default_height = model.default_size
     job = Job(
@@ -128,21 +131,27 @@ def resolve_job(job_id: str, request: GenerationRequest, registry: ModelRegistry
         priority=priority,
     )
     check_limits(job)
-    if request.mode is Mode.img2img:
-        attach_input_image(job, fetch_image)
+    if request.mode is not Mode.txt2img:
+        attach_inputs(job, fetch_image)
     return job
 
 
-def attach_input_image(job: Job, fetch_image: FetchImage) -> None:
-    if job.request.image_url is None:
-        raise JobError("invalid_request", "image_url: required for img2img", "image_url")
-    job.strength = job.request.strength if job.request.strength is not None else job.model.default_strength
+def attach_inputs(job: Job, fetch_image: FetchImage) -> None:
+    """img2img and inpaint: the strength, and the input image (and mask) at the job's size."""
+    mode, request = job.request.mode, job.request
+    if request.image_url is None:
+        raise JobError("invalid_request", f"image_url: required for {mode.value}", "image_url")
+    if mode is Mode.inpaint and request.mask_url is None:
+        raise JobError("invalid_request", "mask_url: required for inpaint", "mask_url")
+    default = job.model.default_inpaint_strength if mode is Mode.inpaint else job.model.default_strength
+    job.strength = request.strength if request.strength is not None else default
     if int(job.num_inference_steps * job.strength) < 1:
         raise JobError("invalid_request", "strength: num_inference_steps * strength must be at least 1", "strength")
-    image = fetch_image(str(job.request.image_url), "image_url")
-    # The output has the job's size, so the input is brought to it first (stock would keep the input's).
-    job.init_image = image if image.size == (job.width, job.height) else image.resize(
-        (job.width, job.height), Image.Resampling.BICUBIC)
+    size = (job.width, job.height)
+    # The output has the job's size, so inputs are brought to it first (stock would keep the input's).
+    job.init_image = fetch_image(str(request.image_url), "image_url").resize(size, Image.Resampling.BICUBIC)
+    if mode is Mode.inpaint:
+        job.mask_image = fetch_image(str(request.mask_url), "mask_url").resize(size, Image.Resampling.NEAREST)
 
 
 def check_limits(job: Job) -> None:

@@ -111,6 +111,14 @@ class ModelInfo:
     def default_strength(self) -> float:
         return SAMPLERS[self.family].default_strength
 
+    @property
+    def default_inpaint_strength(self) -> float:
+        return SAMPLERS[self.family].default_inpaint_strength
+
+    @property
+    def modes(self) -> frozenset:
+        return SAMPLERS[self.family].modes
+
 
 @dataclass
 class LoadedModel:

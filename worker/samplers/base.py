@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
+
+from diffqueue.producer.models import Mode
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,8 @@ class Sample:
     negative_prompt: str | None
     guidance_scale: float
     seed: int
-    image: Image.Image | None = None  # img2img: the input image, already at the batch's size
+    image: Image.Image | None = None  # img2img / inpaint: the input image, already at the batch's size
+    mask: Image.Image | None = None  # inpaint: white = regenerate, black = keep
     index_in_job: int = 0  # k for image k of its job
 
 
@@ -28,12 +32,33 @@ class BatchShape:
     width: int
     height: int
     num_inference_steps: int
-    strength: float | None = None  # img2img only
+    strength: float | None = None  # img2img and inpaint only
+    inpaint: bool = False
 
 
 def cpu_generators(samples: list[Sample]) -> list[torch.Generator]:
     # The contract: image k of a job comes from torch.Generator("cpu").manual_seed(seed + k), on any device.
     return [torch.Generator("cpu").manual_seed(sample.seed) for sample in samples]
+
+
+@dataclass
+class Inpainting:
+    """What the denoising loop blends back after every step: the input's latents outside the mask."""
+
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor  # latent-sized, 1 where the image is regenerated
+
+
+def encode_per_job(samples: list[Sample], generators: list[torch.Generator],
+                   encode: Callable[[int, torch.Generator], torch.Tensor]) -> torch.Tensor:
+    """Stock pipelines encode a job's input once, with the generator of its first image, and reuse it."""
+    encoded = []
+    for i, sample in enumerate(samples):
+        if sample.index_in_job == 0:
+            current = encode(i, generators[i])
+        encoded.append(current)
+    return torch.cat(encoded)
 
 
 def fresh_scheduler(pipeline):
@@ -51,6 +76,8 @@ class Sampler(ABC):
     """Generates a batch of samples with one pipeline's components; one call at a time per pipeline."""
 
     default_strength: float  # img2img strength when a job sets none: the stock pipeline's default
+    default_inpaint_strength: float = 1.0  # the stock inpaint pipelines' default
+    modes: frozenset[Mode] = frozenset(Mode)
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline

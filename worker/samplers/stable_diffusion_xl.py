@@ -10,12 +10,15 @@ import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from PIL import Image
 
+from diffqueue.producer.models import Mode
+
 from .base import BatchShape, Sample, cpu_generators, fresh_scheduler
 from .stable_diffusion import StableDiffusionSampler, step_kwargs
 
 
 class StableDiffusionXLSampler(StableDiffusionSampler):
     default_strength = 0.3  # StableDiffusionXLImg2ImgPipeline's
+    modes = frozenset({Mode.txt2img})  # img2img and inpaint for SDXL are not served yet
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             texts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -58,8 +61,6 @@ class StableDiffusionXLSampler(StableDiffusionSampler):
         }
         scales = torch.tensor([samples[i].guidance_scale for i in cfg])
 
-        if shape.strength is not None:
-            raise NotImplementedError("img2img is served for SD 1.5/2.x and Z-Image; SDXL comes later")
         scheduler = fresh_scheduler(pipe)
         timesteps, _ = retrieve_timesteps(scheduler, shape.num_inference_steps, device)
         generators = cpu_generators(samples)

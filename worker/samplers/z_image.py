@@ -16,7 +16,9 @@ from diffusers.pipelines.z_image.pipeline_z_image_img2img import retrieve_latent
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .base import BatchShape, Sample, Sampler, cpu_generators, fresh_scheduler
+from diffusers.image_processor import VaeImageProcessor
+
+from .base import BatchShape, Inpainting, Sample, Sampler, cpu_generators, encode_per_job, fresh_scheduler
 
 MAX_SEQUENCE_LENGTH = 512
 
@@ -61,18 +63,22 @@ class ZImageSampler(Sampler):
         scheduler = fresh_scheduler(pipe)
         generators = cpu_generators(samples)
         timesteps = self.timesteps(scheduler, self.latent_size(shape), shape.num_inference_steps)
+        inpainting = None
         if shape.strength is None:
             latents = self.initial_latents(generators, shape)
         else:
             timesteps = self.truncate(scheduler, timesteps, shape)
-            latents = self.noised_image_latents(scheduler, samples, generators, timesteps[:1], captions[0].dtype)
-        for t in timesteps:
+            latents, inpainting = self.image_latents(scheduler, samples, generators, shape, timesteps[:1],
+                                                     captions[0].dtype)
+        for i, t in enumerate(timesteps):
             timestep = (1000 - t.expand(len(samples))) / 1000
             frames = latents.to(pipe.transformer.dtype).unsqueeze(2)
             inputs = list(frames.unbind(0)) + [frames[i] for i in cfg]
             outputs = pipe.transformer(inputs, torch.cat([timestep, timestep[cfg]]), captions, return_dict=False)[0]
             velocity = self.guide(outputs, len(samples), cfg, scales)
             latents = scheduler.step(-velocity.squeeze(2), t, latents, return_dict=False)[0]
+            if inpainting:
+                latents = self.blend(scheduler, inpainting, latents, timesteps, i)
         return self.decode(latents)
 
     def latent_size(self, shape: BatchShape) -> tuple[int, int]:
@@ -91,19 +97,41 @@ class ZImageSampler(Sampler):
         scheduler.set_begin_index(t_start)
         return timesteps[t_start:]
 
-    def noised_image_latents(self, scheduler, samples, generators, first_timestep, dtype) -> torch.Tensor:
+    def image_latents(self, scheduler, samples, generators, shape: BatchShape, first_timestep, dtype):
+        """As ZImageImg2ImgPipeline / ZImageInpaintPipeline: the input image noised to the first timestep,
+        and for inpainting what to blend back after every step."""
         vae = self.pipeline.vae
-        images = self.pipeline.image_processor.preprocess([s.image for s in samples]).to(torch.float32)
-        images = images.to(self.device, dtype)
-        # Stock encodes a job's image once, with the generator of its first image, and reuses it.
-        encoded = []
-        for i, sample in enumerate(samples):
-            if sample.index_in_job == 0:
-                current = retrieve_latents(vae.encode(images[i : i + 1]), generator=generators[i])
-            encoded.append(current)
-        latents = (torch.cat(encoded) - vae.config.shift_factor) * vae.config.scaling_factor
-        noise = randn_tensor(latents.shape, generator=generators, device=self.device, dtype=dtype)
-        return scheduler.scale_noise(latents, first_timestep.repeat(len(samples)), noise)
+        size = {"height": shape.height, "width": shape.width}
+        images = self.pipeline.image_processor.preprocess([s.image for s in samples], **size).to(torch.float32)
+
+        def encode(batch: torch.Tensor):
+            def one(i: int, generator: torch.Generator) -> torch.Tensor:
+                return retrieve_latents(vae.encode(batch[i : i + 1].to(self.device, dtype)), generator=generator)
+            return one
+
+        image_latents = encode_per_job(samples, generators, encode(images))
+        image_latents = (image_latents - vae.config.shift_factor) * vae.config.scaling_factor
+        noise = randn_tensor(image_latents.shape, generator=generators, device=self.device, dtype=dtype)
+        latents = scheduler.scale_noise(image_latents, first_timestep.repeat(len(samples)), noise)
+        if not shape.inpaint:
+            return latents, None
+        masks = self.mask_processor.preprocess([s.mask for s in samples], **size)
+        # Stock also encodes the masked image (unused here), drawing from each job's first generator.
+        encode_per_job(samples, generators, encode(images * (masks < 0.5)))
+        mask = torch.nn.functional.interpolate(masks, size=self.latent_size(shape), mode="nearest")
+        return latents, Inpainting(image_latents, noise, mask.to(self.device, dtype))
+
+    @staticmethod
+    def blend(scheduler, inpainting: Inpainting, latents, timesteps, step: int) -> torch.Tensor:
+        original = inpainting.image_latents
+        if step < len(timesteps) - 1:
+            original = scheduler.scale_noise(original, torch.tensor([timesteps[step + 1]]), inpainting.noise)
+        return (1 - inpainting.mask) * original + inpainting.mask * latents
+
+    @property
+    def mask_processor(self) -> VaeImageProcessor:
+        return VaeImageProcessor(vae_scale_factor=self.size_multiple, do_normalize=False, do_binarize=True,
+                                 do_convert_grayscale=True)
 
     @staticmethod
     def guide(outputs: list[torch.Tensor], count: int, cfg: list[int], scales: torch.Tensor) -> torch.Tensor:
