@@ -45,6 +45,15 @@ class JobState(str, Enum):
         return self in (JobState.succeeded, JobState.failed, JobState.canceled)
 
 
+class LoraRef(BaseModel):
+    """A LoRA adapter from the worker's models file, applied at `scale`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    scale: float = Field(default=1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
+
+
 class GenerationRequest(BaseModel):
     """One text-to-image job. Unset fields take the model's defaults from the worker's models file."""
 
@@ -63,6 +72,7 @@ class GenerationRequest(BaseModel):
     image_url: HttpUrl | None = None
     mask_url: HttpUrl | None = None
     strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    loras: list[LoraRef] = Field(default_factory=list, max_length=8)
     output_format: OutputFormat = OutputFormat.png
     callback_url: HttpUrl | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)

@@ -37,8 +37,15 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def models_file(tiny_model_dirs, tmp_path_factory) -> Path:
-    lines = ['default = "sd"', ""]
+def tiny_lora(tiny_model_dirs, tmp_path_factory) -> Path:
+    from diffqueue.worker.tiny_models import write_tiny_lora
+
+    return write_tiny_lora(tmp_path_factory.mktemp("loras") / "style.safetensors", tiny_model_dirs["sd"])
+
+
+@pytest.fixture(scope="session")
+def models_file(tiny_model_dirs, tiny_lora, tmp_path_factory) -> Path:
+    lines = ['default = "sd"', "", "[loras.style]", f'source = "{tiny_lora}"', ""]
     for alias, (_family, steps, guidance, side) in TINY_MODELS.items():
         lines += [
             f'[models."{alias}"]',

@@ -152,3 +152,18 @@ def test_two_models_alternating_under_a_budget_for_one(
         assert read_image(results[0]["images"][0]["url"])[1].shape == (64, 64, 3)
     finally:
         assert worker.stop() == 0
+
+
+def test_lora_from_a_pinned_hub_revision_and_pickle_loras_refused(hub_cache, tmp_path, offline, tiny_lora):
+    from diffqueue.worker.registry import LoraSpec, lora_file
+
+    snapshot = hub_cache / "models--acme--style-lora" / "snapshots" / SHA_V1
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_lora, snapshot / "style.safetensors")
+    pinned = LoraSpec(source="acme/style-lora", revision=SHA_V1)
+    assert lora_file("style", pinned, str(hub_cache)) == snapshot / "style.safetensors"
+
+    pickled = tmp_path / "style.bin"
+    pickled.write_bytes(pickle.dumps({"weights": 1}))
+    with pytest.raises(UnsafeWeights, match="not a .safetensors file"):
+        lora_file("old", LoraSpec(source=str(pickled)), None)

@@ -19,6 +19,7 @@ class BatchRunner:
     def __call__(self, jobs: list[Job]) -> list[list[Image.Image]]:
         """Generate every job's images in one denoising loop; returns them grouped per job, in order."""
         model = self.registry.get(jobs[0].model.alias)
+        self.registry.activate_loras(model, jobs[0].loras)
         samples = [sample for job in jobs for sample in job.samples()]
         started = time.perf_counter()
         images = model.sampler(samples, jobs[0].shape)

@@ -42,6 +42,7 @@ class BatchKey:
     height: int
     num_inference_steps: int
     strength: float | None
+    loras: tuple[tuple[str, float], ...]
 
 
 @dataclass
@@ -60,11 +61,12 @@ class Job:
     init_image: Image.Image | None = None
     mask_image: Image.Image | None = None
     strength: float | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # sorted (name, scale): jobs batch only with the same set
 
     @property
     def key(self) -> BatchKey:
         return BatchKey(self.model.alias, self.request.mode, self.width, self.height, self.num_inference_steps,
-                        self.strength)
+                        self.strength, self.loras)
 
     @property
     def shape(self) -> BatchShape:
@@ -129,6 +131,7 @@ def resolve_job(job_id: str, request: GenerationRequest, registry: ModelRegistry
         negative_prompt=request.negative_prompt if request.negative_prompt is not None
         else spec.defaults.negative_prompt,
         priority=priority,
+        loras=resolve_loras(request, registry),
     )
     check_limits(job)
     if request.mode is not Mode.txt2img:
@@ -152,6 +155,16 @@ def attach_inputs(job: Job, fetch_image: FetchImage) -> None:
     job.init_image = fetch_image(str(request.image_url), "image_url").resize(size, Image.Resampling.BICUBIC)
     if mode is Mode.inpaint:
         job.mask_image = fetch_image(str(request.mask_url), "mask_url").resize(size, Image.Resampling.NEAREST)
+
+
+def resolve_loras(request: GenerationRequest, registry: ModelRegistry) -> tuple[tuple[str, float], ...]:
+    names = [lora.name for lora in request.loras]
+    for index, name in enumerate(names):
+        if name not in registry.models_file.loras:
+            raise JobError("invalid_request", f"loras.{index}.name: unknown LoRA {name!r}", f"loras.{index}.name")
+    if len(set(names)) != len(names):
+        raise JobError("invalid_request", "loras: each LoRA may appear once", "loras")
+    return tuple(sorted((lora.name, lora.scale) for lora in request.loras))
 
 
 def check_limits(job: Job) -> None:

@@ -25,7 +25,7 @@ import re
 import time
 import tomllib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,17 +73,32 @@ class ModelSpec(BaseModel):
         return self.source.startswith((".", "/"))
 
 
+class LoraSpec(BaseModel):
+    """A LoRA adapter: a .safetensors file, or a Hub repo (pinned by revision) holding one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    weight_name: str | None = None  # the file inside a folder or repo; required when it holds several
+    revision: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.source.startswith((".", "/"))
+
+
 class ModelsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     default: str
     models: dict[str, ModelSpec]
+    loras: dict[str, LoraSpec] = Field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> "ModelsFile":
         models_file = cls.model_validate(tomllib.loads(Path(path).read_text()))
         base = Path(path).resolve().parent
-        for spec in models_file.models.values():
+        for spec in [*models_file.models.values(), *models_file.loras.values()]:
             if spec.is_local:
                 spec.source = str((base / spec.source).resolve())
         if models_file.default not in models_file.models:
@@ -126,6 +141,30 @@ class LoadedModel:
     pipeline: object
     sampler: Sampler
     bytes: int
+    adapters: set[str] = field(default_factory=set)  # LoRA adapters loaded into this pipeline
+
+
+def lora_file(name: str, spec: LoraSpec, cache_dir: str | None) -> Path:
+    """The adapter's .safetensors file, fetched from the Hub if needed; any other format is refused."""
+    if spec.is_local:
+        folder_or_file = Path(spec.source)
+    else:
+        from huggingface_hub import snapshot_download
+
+        pattern = spec.weight_name or "*.safetensors"
+        folder_or_file = Path(snapshot_download(spec.source, revision=spec.revision, allow_patterns=[pattern],
+                                                cache_dir=cache_dir))
+    if folder_or_file.is_dir():
+        candidates = [folder_or_file / spec.weight_name] if spec.weight_name else sorted(
+            folder_or_file.glob("*.safetensors"))
+        if len(candidates) != 1:
+            raise ValueError(f"LoRA {name}: set weight_name, {folder_or_file} holds {len(candidates)} weight files")
+        folder_or_file = candidates[0]
+    if folder_or_file.suffix != ".safetensors":
+        raise UnsafeWeights(f"LoRA {name}: {folder_or_file.name} is not a .safetensors file")
+    if not folder_or_file.exists():
+        raise FileNotFoundError(f"LoRA {name}: {folder_or_file} does not exist")
+    return folder_or_file
 
 
 def download(spec: ModelSpec, cache_dir: str | None, local_only: bool = False) -> tuple[Path, str]:
@@ -197,6 +236,7 @@ class ModelRegistry:
         self.memory_budget_bytes = memory_budget_bytes
         self.cache_dir = cache_dir
         self.infos: dict[str, ModelInfo] = {}
+        self.lora_files: dict[str, Path] = {}
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()
         self.evictions = 0
         self.load_seconds: dict[str, float] = {}
@@ -211,6 +251,8 @@ class ModelRegistry:
             folder, revision = download(spec, self.cache_dir)
             check_safetensors_only(folder)
             self.infos[alias] = describe(alias, spec, folder, revision)
+        for name, lora in self.models_file.loras.items():
+            self.lora_files[name] = lora_file(name, lora, self.cache_dir)
 
     def info(self, alias: str) -> ModelInfo | None:
         return self.infos.get(alias)
@@ -243,6 +285,22 @@ class ModelRegistry:
         self._resident[alias] = loaded
         self._evict_until_fits(keep=alias)
         return loaded
+
+    def activate_loras(self, model: LoadedModel, loras: tuple[tuple[str, float], ...]) -> None:
+        """Give the pipeline exactly this adapter set (loading adapters the first time they are used)."""
+        pipeline = model.pipeline
+        if not loras:
+            if model.adapters:
+                pipeline.disable_lora()
+            return
+        for name, _scale in loras:
+            if name not in model.adapters:
+                path = self.lora_files[name]
+                pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name,
+                                           use_safetensors=True)
+                model.adapters.add(name)
+        pipeline.enable_lora()
+        pipeline.set_adapters([name for name, _ in loras], adapter_weights=[scale for _, scale in loras])
 
     def _over_budget(self) -> bool:
         used = sum(m.bytes for m in self._resident.values())

@@ -207,3 +207,22 @@ def write_tiny_model(directory: Path, family: Family, size: Size = "tiny", seed:
     directory = Path(directory)
     pipeline.save_pretrained(directory, safe_serialization=safe_serialization)
     return directory
+
+
+def write_tiny_lora(path: Path, model_dir: Path, rank: int = 4, seed: int = 0) -> Path:
+    """A random LoRA for the UNet of the tiny SD pipeline in `model_dir`, saved as one .safetensors file."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True)
+    torch.manual_seed(seed)
+    # init_lora_weights=False draws both LoRA matrices at random, so the adapter visibly changes images.
+    pipeline.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipeline.unet))
+    path = Path(path)
+    StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=layers, weight_name=path.name,
+                                              safe_serialization=True)
+    return path
