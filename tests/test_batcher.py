@@ -19,7 +19,7 @@ class FakeJob(SimpleNamespace):
 
 def job(job_id: str, model: str = "m", side: int = 64, images: int = 1, priority: int = 0) -> FakeJob:
     return FakeJob(
-        id=job_id, key=BatchKey(model, Mode.txt2img, side, side, 4), priority=priority,
+        id=job_id, key=BatchKey(model, Mode.txt2img, side, side, 4, None, ()), priority=priority,
         received_at=time.time(), request=GenerationRequest(prompt="x", num_images=images),
         pixels=side * side * images,
     )
