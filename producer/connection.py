@@ -21,6 +21,11 @@ def create_celery_app(settings: QueueSettings, main: str = "diffqueue") -> Celer
         result_expires=settings.result_ttl_s,
         broker_connection_retry_on_startup=True,
         enable_utc=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.restore_interval_s,
+            "unacked_restore_throttle": 1,  # scan on every interval, not every tenth
+        },
     )
     return app
 

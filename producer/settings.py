@@ -18,6 +18,9 @@ class QueueSettings(BaseSettings):
     queue: str = DEFAULT_QUEUE
     key_prefix: str = "diffqueue"  # namespace of diffqueue's own Redis keys
     result_ttl_s: int = 7 * 24 * 3600
+    # A held job returns to the queue this long after its worker stops renewing its lease (worker/lease.py).
+    visibility_timeout_s: int = 60
+    restore_interval_s: int = 10  # how often consuming workers look for lapsed leases
 
     @property
     def result_backend_url(self) -> str:

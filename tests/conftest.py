@@ -117,3 +117,10 @@ def azurite(tmp_path_factory):
     server = Azurite(tmp_path_factory.mktemp("azurite")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_worker_outlives_the_session():
+    yield
+    for process in WorkerProcess.launched:
+        process.kill()

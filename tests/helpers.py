@@ -36,11 +36,13 @@ def plain_celery(redis_url: str) -> Celery:
 class WorkerProcess:
     """`diffqueue worker` in a subprocess, on its own queue, stopped with SIGTERM like a container."""
 
+    launched: list["WorkerProcess"] = []  # every worker of the session, killed at its end whatever happened
+
     def __init__(self, redis_url: str, models_file: Path, storage_dir: Path, secret: str,
                  queue: str | None = None, **env: str) -> None:
         self.queue = queue or f"test-{uuid.uuid4().hex[:8]}"
         self.redis_url = redis_url
-        self.log_path = storage_dir.parent / f"worker-{self.queue}.log"
+        self.log_path = storage_dir.parent / f"worker-{self.queue}-{uuid.uuid4().hex[:6]}.log"
         self.env = {
             **os.environ,
             "DIFFQUEUE_BROKER_URL": redis_url,
@@ -64,11 +66,18 @@ class WorkerProcess:
     def launch(self) -> "WorkerProcess":
         """Start the process without waiting for it to take jobs."""
         with open(self.log_path, "ab") as log:
+            # Its own session, so that a signal to its process group never reaches pytest.
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "diffqueue.cli", "worker", "--loglevel", "INFO"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
+        WorkerProcess.launched.append(self)
         return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def wait_ready(self, timeout: float) -> None:
         app = plain_celery(self.redis_url)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from celery.signals import worker_shutting_down
 from celery.worker.consumer import Consumer
 
 from diffqueue.producer.connection import create_celery_app
@@ -34,6 +35,9 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
 
 
 def register_generate_task(app: Celery, runtime: WorkerRuntime) -> None:
+    # weak=False: the receiver is a closure and must outlive this function.
+    worker_shutting_down.connect(lambda **_: runtime.drain(), weak=False)
+
     @app.task(name=TASK_NAME, bind=True, ignore_result=True)
     def generate(self, *args, **kwargs) -> dict:
         # Any args are accepted here so that a malformed message still ends in a recorded failure.

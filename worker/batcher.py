@@ -35,6 +35,10 @@ class JobCanceled(Exception):
     pass
 
 
+class JobReturned(Exception):
+    """The worker is draining: the job was not started and goes back to the queue."""
+
+
 RunBatch = Callable[[list[Job]], list[list[Image.Image]]]
 
 
@@ -68,6 +72,7 @@ class Batcher:
         self._sequence = itertools.count()
         self._changed = threading.Condition()
         self._stopping = False
+        self._draining = False
         self._thread = threading.Thread(target=self._loop, name="diffqueue-gpu", daemon=True)
         self.busy_since: float | None = None  # when the batch on the GPU started; None when idle
 
@@ -83,9 +88,22 @@ class Batcher:
     def submit(self, job: Job) -> Future:
         future: Future = Future()
         with self._changed:
+            if self._draining:
+                future.set_exception(JobReturned(job.id))
+                return future
             self._pending.append(_Pending(job.priority, next(self._sequence), job, future))
             self._changed.notify_all()
         return future
+
+    def drain(self) -> int:
+        """Scale-in: start no new batch and hand every pending job back; the batch in flight finishes."""
+        with self._changed:
+            self._draining = True
+            returned, self._pending = self._pending, []
+            self._changed.notify_all()
+        for item in returned:
+            item.future.set_exception(JobReturned(item.job.id))
+        return len(returned)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()

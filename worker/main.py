@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import socket
 
 from .app import create_worker_app, register_generate_task
@@ -16,6 +18,7 @@ log = logging.getLogger(__name__)
 def run_worker(settings: WorkerSettings, loglevel: str = "INFO") -> int:
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every request at INFO
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
     app = create_worker_app(settings)
     runtime = WorkerRuntime.create(settings, app)
     runtime.start()

@@ -14,11 +14,14 @@ from celery import Celery
 from diffqueue.producer.connection import RedisKeys
 from diffqueue.producer.models import ErrorInfo, ImageInfo, JobResult, JobState, Timings, WebhookEventType
 
-from .batcher import Batcher, BatchOutcome, JobCanceled
+from celery.exceptions import Reject
+
+from .batcher import Batcher, BatchOutcome, JobCanceled, JobReturned
 from .generation import BatchRunner
 from .metrics import HealthServer, Metrics, gauge
 from .images import CONTENT_TYPES, EXTENSIONS, encode_image
 from .inputs import fetch_image
+from .lease import LeaseRenewer
 from .jobs import Job, JobError, parse_request, resolve_job
 from .registry import ModelRegistry, ModelsFile
 from .results import ResultStore
@@ -48,6 +51,7 @@ class WorkerRuntime:
     redis: redis.Redis
     keys: RedisKeys
     metrics: Metrics
+    lease: LeaseRenewer
     health: HealthServer | None = None
     ready: bool = False
 
@@ -75,8 +79,10 @@ class WorkerRuntime:
             is_canceled=lambda job_id: bool(client.exists(keys.cancel(job_id))),
             is_resident=registry.is_resident, max_model_wait_s=settings.max_model_wait_s,
         )
+        unacked_index = app.conf.broker_transport_options.get("unacked_index_key", "unacked_index")
+        lease = LeaseRenewer(client, unacked_index, settings.visibility_timeout_s)
         runtime = cls(settings, registry, batcher, storage_from_settings(settings), ResultStore(app),
-                      outbox, dispatcher, client, keys, metrics)
+                      outbox, dispatcher, client, keys, metrics, lease)
         metrics.add_collector(runtime._gauges)
         if settings.metrics_port is not None:
             runtime.health = HealthServer(settings.metrics_host, settings.metrics_port, metrics,
@@ -88,6 +94,7 @@ class WorkerRuntime:
         The health server answers from the start; /readyz turns 200 only once models are warm."""
         if self.health:
             self.health.start()
+        self.lease.start()
         self.registry.prepare()
         self.registry.warm()
         self.batcher.start()
@@ -95,8 +102,15 @@ class WorkerRuntime:
             self.dispatcher.start()
         self.ready = True
 
+    def drain(self) -> None:
+        """SIGTERM: stop taking jobs; jobs not yet on the GPU go back to the queue."""
+        self.ready = False
+        returned = self.batcher.drain()
+        log.info("draining: %d job(s) returned to the queue, the batch in flight finishes", returned)
+
     def stop(self) -> None:
         self.ready = False
+        self.lease.stop()
         self.batcher.stop(timeout=60)
         if self.dispatcher:
             self.dispatcher.stop()
@@ -166,6 +180,9 @@ class WorkerRuntime:
             outcome: BatchOutcome = self.batcher.submit(job).result()
         except JobCanceled:
             return self._finish(running.model_copy(update={"status": JobState.canceled}), callback)
+        except JobReturned:
+            self.results.record(running.model_copy(update={"status": JobState.queued}))
+            raise Reject("worker draining", requeue=True) from None
         except Exception as error:
             return self._finish(self._failed(running, "generation_failed", f"{type(error).__name__}: {error}"),
                                 callback)
