@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
@@ -51,10 +52,15 @@ class Client:
         request: GenerationRequest | dict[str, Any],
         job_id: str | None = None,
         priority: int | None = None,
+        ttl_s: float | None = None,
     ) -> str:
-        """Enqueue a job and return its id. Submitting an id that exists returns it unchanged."""
+        """Enqueue a job and return its id. Submitting an id that exists returns it unchanged.
+
+        `priority`: Celery's, and on Redis 0 is the highest. `ttl_s`: sets `expires_at` to now + ttl_s."""
         if not isinstance(request, GenerationRequest):
             request = GenerationRequest.model_validate(request)
+        if ttl_s is not None:
+            request = request.model_copy(update={"expires_at": datetime.now(timezone.utc) + timedelta(seconds=ttl_s)})
         job_id = job_id or str(uuid.uuid4())
         marker = self.keys.submitted(job_id)
         payload = request.model_dump(mode="json", exclude_defaults=True)

@@ -42,6 +42,9 @@ class RedisKeys:
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
 
+    def deliveries(self, job_id: str) -> str:
+        return f"{self.prefix}:deliveries:{job_id}"
+
     @property
     def webhook_due(self) -> str:
         return f"{self.prefix}:webhooks:due"

@@ -75,6 +75,7 @@ class GenerationRequest(BaseModel):
     loras: list[LoraRef] = Field(default_factory=list, max_length=8)
     output_format: OutputFormat = OutputFormat.png
     callback_url: HttpUrl | None = None
+    expires_at: datetime | None = None  # not started by then: the job fails with code `expired`
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("seed")

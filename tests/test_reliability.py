@@ -114,3 +114,71 @@ def test_sigterm_to_every_process_finishes_the_batch_and_returns_the_rest(
         assert runs_once_each([worker, successor], ids) == [1] * 5
     finally:
         successor.stop()
+
+
+def test_oom_splits_the_batch_and_a_job_failing_alone_is_out_of_memory(
+    redis_server, models_file, webhook_secret, tmp_path, celery_sender
+):
+    worker = WorkerProcess(redis_server.url, models_file, tmp_path / "a", webhook_secret,
+                           DIFFQUEUE_FAULT_OOM_ABOVE_BATCH="2", DIFFQUEUE_MAX_WAIT_MS="3000",
+                           DIFFQUEUE_MAX_BATCH="16").start()
+    try:
+        small = [worker.send(celery_sender, {"prompt": f"fits {i}", "seed": i}) for i in range(5)]
+        too_big = worker.send(celery_sender, {"prompt": "three images", "seed": 9, "num_images": 3})
+        results = [wait_result(celery_sender, job_id) for job_id in small]
+        assert all(r["status"] == "succeeded" for r in results)
+        assert max(r["batch_size"] for r in results) <= 2, "the batch of 8 images was split until it fit"
+        failed = wait_result(celery_sender, too_big)
+        assert failed["status"] == "failed" and failed["error"]["code"] == "out_of_memory"
+        assert "retrying in halves" in worker.log_tail(2000)
+    finally:
+        worker.stop()
+
+
+def test_expired_job_fails_with_expired_and_a_webhook(worker, celery_sender, httpserver, webhook_secret,
+                                                      redis_server):
+    from datetime import datetime, timedelta, timezone
+
+    from diffqueue.producer import Client, GenerationRequest, QueueSettings
+    from tests.helpers import webhook_bodies
+
+    httpserver.expect_request("/hooks/expired").respond_with_data("ok")
+    past = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
+    job_id = worker.send(celery_sender, {"prompt": "late", "expires_at": past,
+                                         "callback_url": httpserver.url_for("/hooks/expired")})
+    result = wait_result(celery_sender, job_id)
+    assert result["status"] == "failed" and result["error"]["code"] == "expired"
+    assert wait_for(lambda: [b for b in webhook_bodies(httpserver, webhook_secret)
+                             if b["type"] == "job.failed" and b["data"]["id"] == job_id])
+    client = Client(QueueSettings(broker_url=redis_server.url, queue=worker.queue))
+    fresh = client.submit(GenerationRequest(prompt="in time", seed=1), ttl_s=300)
+    assert client.wait(fresh, timeout=60).status.value == "succeeded"
+    assert client.status(job_id).error.code == "expired"
+    client.close()
+
+
+def test_poison_message_fails_once_terminally_after_max_deliveries(
+    redis_server, models_file, webhook_secret, tmp_path, celery_sender
+):
+    settings = {"DIFFQUEUE_FAULT_CRASH_ON_PROMPT": "poison", "DIFFQUEUE_MAX_DELIVERIES": "3", **LEASE}
+    first = WorkerProcess(redis_server.url, models_file, tmp_path / "a", webhook_secret, **settings)
+    job_id = first.send(celery_sender, {"prompt": "poison", "seed": 1})
+    healthy = first.send(celery_sender, {"prompt": "fine", "seed": 2})
+    crashes, worker = 0, first
+    for _attempt in range(6):  # a supervisor (Container Apps) restarts the worker each time it dies
+        worker.launch()
+        try:
+            result = wait_result(celery_sender, job_id, timeout=20)
+            break
+        except Exception:
+            if worker.process.poll() is not None:
+                crashes += 1
+            worker.kill()
+            worker = WorkerProcess(redis_server.url, models_file, tmp_path / "a", webhook_secret,
+                                   queue=first.queue, **settings)
+    try:
+        assert result["status"] == "failed" and result["error"]["code"] == "poison_message"
+        assert crashes == 3
+        assert wait_result(celery_sender, healthy, timeout=60)["status"] == "succeeded"
+    finally:
+        worker.stop()

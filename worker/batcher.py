@@ -35,8 +35,20 @@ class JobCanceled(Exception):
     pass
 
 
+class JobExpired(Exception):
+    """The job's expires_at passed before its batch started."""
+
+
 class JobReturned(Exception):
     """The worker is draining: the job was not started and goes back to the queue."""
+
+
+def free_accelerator_memory() -> None:
+    """After a failed batch (often an OOM), give cached blocks back before the halves run."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 RunBatch = Callable[[list[Job]], list[list[Image.Image]]]
@@ -171,6 +183,8 @@ class Batcher:
         for item in batch:
             if self.is_canceled(item.job.id):
                 item.future.set_exception(JobCanceled(item.job.id))
+            elif item.job.expired():
+                item.future.set_exception(JobExpired(item.job.id))
             else:
                 live.append(item)
         if live:
@@ -183,6 +197,7 @@ class Batcher:
             images = self.run_batch([item.job for item in batch])
         except Exception as error:
             self.busy_since = None
+            free_accelerator_memory()
             if len(batch) == 1:
                 log.exception("job %s failed in generation", batch[0].job.id)
                 batch[0].future.set_exception(error)

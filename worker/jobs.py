@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from datetime import timezone
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,14 @@ class Job:
     def shape(self) -> BatchShape:
         return BatchShape(self.width, self.height, self.num_inference_steps, self.strength,
                           self.request.mode is Mode.inpaint)
+
+    def expired(self, now: float | None = None) -> bool:
+        expires_at = self.request.expires_at
+        if expires_at is None:
+            return False
+        if expires_at.tzinfo is None:  # a naive time is taken as UTC
+            expires_at = expires_at.replace(tzinfo=timezone.utc)
+        return (now or time.time()) > expires_at.timestamp()
 
     @property
     def pixels(self) -> int:

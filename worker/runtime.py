@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,9 @@ from diffqueue.producer.models import ErrorInfo, ImageInfo, JobResult, JobState,
 
 from celery.exceptions import Reject
 
-from .batcher import Batcher, BatchOutcome, JobCanceled, JobReturned
+import torch
+
+from .batcher import Batcher, BatchOutcome, JobCanceled, JobExpired, JobReturned
 from .generation import BatchRunner
 from .metrics import HealthServer, Metrics, gauge
 from .images import CONTENT_TYPES, EXTENSIONS, encode_image
@@ -75,7 +78,7 @@ class WorkerRuntime:
             )
             dispatcher = WebhookDispatcher(outbox, poll_s=settings.webhook_poll_s)
         batcher = Batcher(
-            BatchRunner(registry, metrics), settings.max_batch, settings.max_batch_pixels, settings.max_wait_ms,
+            BatchRunner(registry, metrics, settings.fault_oom_above_batch), settings.max_batch, settings.max_batch_pixels, settings.max_wait_ms,
             is_canceled=lambda job_id: bool(client.exists(keys.cancel(job_id))),
             is_resident=registry.is_resident, max_model_wait_s=settings.max_model_wait_s,
         )
@@ -158,6 +161,12 @@ class WorkerRuntime:
             log.info("job %s already %s; not running it again", job_id, existing.status.value)
             return existing.model_dump(mode="json")
         callback = self._raw_callback(kwargs)
+        deliveries = self._count_delivery(job_id)
+        if deliveries > self.settings.max_deliveries:
+            poison = JobResult(id=job_id, status=JobState.failed, metadata=self._raw_metadata(kwargs), error=ErrorInfo(
+                code="poison_message", message=f"delivered {deliveries} times without finishing; not retried"))
+            return self._finish(poison, callback)
+        self._maybe_crash(kwargs)
         try:
             request = parse_request(args, kwargs)
             callback = self._checked_callback(request.callback_url)
@@ -173,6 +182,9 @@ class WorkerRuntime:
                             revision=job.model.revision, metadata=job.request.metadata)
         if self.redis.exists(self.keys.cancel(job.id)):
             return self._finish(running.model_copy(update={"status": JobState.canceled}), callback)
+        if job.expired():
+            return self._finish(self._failed(running, "expired", "expires_at passed before the job started"),
+                                callback)
         self.results.record(running)
         if callback and self.outbox:
             self.outbox.enqueue(callback, "job.started", running)
@@ -180,9 +192,15 @@ class WorkerRuntime:
             outcome: BatchOutcome = self.batcher.submit(job).result()
         except JobCanceled:
             return self._finish(running.model_copy(update={"status": JobState.canceled}), callback)
+        except JobExpired:
+            return self._finish(self._failed(running, "expired", "expires_at passed before the job started"),
+                                callback)
         except JobReturned:
             self.results.record(running.model_copy(update={"status": JobState.queued}))
+            self.redis.decr(self.keys.deliveries(job.id))  # handed back unstarted: not a failed attempt
             raise Reject("worker draining", requeue=True) from None
+        except torch.OutOfMemoryError as error:
+            return self._finish(self._failed(running, "out_of_memory", str(error)), callback)
         except Exception as error:
             return self._finish(self._failed(running, "generation_failed", f"{type(error).__name__}: {error}"),
                                 callback)
@@ -238,6 +256,21 @@ class WorkerRuntime:
         log.info("job %s %s%s", result.id, result.status.value,
                  f" ({result.error.code}: {result.error.message})" if result.error else "")
         return result.model_dump(mode="json")
+
+    def _maybe_crash(self, kwargs: dict[str, Any]) -> None:
+        """Fault injection for the poison-message test: die like a native crash would, no cleanup."""
+        raw = kwargs.get("request") if isinstance(kwargs, dict) else None
+        prompt = raw.get("prompt") if isinstance(raw, dict) else None
+        if self.settings.fault_crash_on_prompt is not None and prompt == self.settings.fault_crash_on_prompt:
+            log.error("fault injection: crashing on prompt %r", prompt)
+            os._exit(70)
+
+    def _count_delivery(self, job_id: str) -> int:
+        key = self.keys.deliveries(job_id)
+        pipe = self.redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, self.settings.result_ttl_s)
+        return pipe.execute()[0]
 
     def _fetch_image(self, url: str, field: str):
         return fetch_image(url, field, self.settings.max_input_bytes, self.settings.allow_private_urls,

@@ -35,6 +35,10 @@ class WorkerSettings(QueueSettings):
     allow_private_urls: bool = Field(default=False, validation_alias="DIFFQUEUE_ALLOW_PRIVATE_CALLBACKS")
     url_allow_list: list[str] = Field(default_factory=list)  # hosts allowed even when private
 
+    max_deliveries: int = Field(default=3, ge=1)  # a job delivered more often than this is poison: failed
+    fault_oom_above_batch: int | None = None  # testing only: raise CUDA's OOM error above this batch size
+    fault_crash_on_prompt: str | None = None  # testing only: the process dies abruptly on this prompt
+
     metrics_host: str = "127.0.0.1"  # the container sets 0.0.0.0
     metrics_port: int | None = None  # /metrics, /livez, /readyz; None = no HTTP server
     liveness_max_batch_s: float = 900.0  # a batch running longer than this makes /livez fail
