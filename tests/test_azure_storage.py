@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import httpx
 import pytest
 from azure.storage.blob import BlobServiceClient
 from PIL import Image
 
-from tests.helpers import WorkerProcess, wait_result
+from tests.helpers import WorkerProcess, wait_for, wait_result
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,7 @@ def test_upload_that_keeps_failing_fails_the_job_with_a_storage_error(
         redis_server.url, models_file, tmp_path / "unused", webhook_secret,
         DIFFQUEUE_STORAGE_URL="azure://outage", AZURE_STORAGE_CONNECTION_STRING=outage.connection_string,
         DIFFQUEUE_AZURE_RETRY_TOTAL="1", DIFFQUEUE_AZURE_RETRY_BACKOFF_S="0.1",
+        DIFFQUEUE_STORAGE_RETRY_HORIZON_S="3",
     ).start()
     try:
         outage.stop()
@@ -94,3 +96,29 @@ def test_upload_that_keeps_failing_fails_the_job_with_a_storage_error(
         assert worker.process.poll() is None
     finally:
         worker.stop()
+
+
+def test_storage_outage_then_recovery_completes_the_job(
+    redis_server, models_file, webhook_secret, tmp_path, celery_sender
+):
+    from tests.helpers import Azurite
+
+    storage = Azurite(tmp_path / "azurite").start()
+    worker = WorkerProcess(
+        redis_server.url, models_file, tmp_path / "unused", webhook_secret,
+        DIFFQUEUE_STORAGE_URL="azure://outage", AZURE_STORAGE_CONNECTION_STRING=storage.connection_string,
+        DIFFQUEUE_AZURE_RETRY_TOTAL="1", DIFFQUEUE_AZURE_RETRY_BACKOFF_S="0.1",
+    ).start()
+    try:
+        storage.stop()
+        job_id = worker.send(celery_sender, {"prompt": "waits for storage", "seed": 3})
+        wait_for(lambda: "retrying" in worker.log_tail(500), timeout=60)
+        down_for = time.monotonic()
+        storage.start()  # same port, same data folder
+        result = wait_result(celery_sender, job_id, timeout=120)
+        assert result["status"] == "succeeded", result
+        assert httpx.get(result["images"][0]["url"]).status_code == 200
+        assert time.monotonic() - down_for < 60
+    finally:
+        worker.stop()
+        storage.stop()

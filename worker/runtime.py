@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import tenacity
 from celery import Celery
 
 from diffqueue.producer.connection import RedisKeys
@@ -227,10 +228,23 @@ class WorkerRuntime:
             data = encode_image(image, fmt, parameters, self.settings.image_quality)
             metadata = {"job_id": job.id, "seed": str(seed), "model": job.model.alias,
                         "revision": job.model.revision}
-            stored = self.store.put(blob_name(job.id, index, EXTENSIONS[fmt]), data, CONTENT_TYPES[fmt], metadata)
+            stored = self._put(blob_name(job.id, index, EXTENSIONS[fmt]), data, CONTENT_TYPES[fmt], metadata)
             infos.append(ImageInfo(url=stored.url, url_expires_at=stored.expires_at, seed=seed, width=image.width, height=image.height,
                                    content_type=CONTENT_TYPES[fmt], sha256=hashlib.sha256(data).hexdigest()))
         return infos, time.time() - started
+
+    def _put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]):
+        """Upload, retrying through a storage outage for up to storage_retry_horizon_s (the job's lease is
+        renewed meanwhile); the blob name is deterministic, so a retry overwrites, never duplicates."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(StorageError),
+            wait=tenacity.wait_exponential_jitter(initial=1, max=30),
+            stop=tenacity.stop_after_delay(self.settings.storage_retry_horizon_s),
+            before_sleep=lambda state: log.warning("upload of %s failed (%s); retrying", name,
+                                                   state.outcome.exception()),
+            reraise=True,
+        )
+        return retrying(self.store.put, name, data, content_type, metadata)
 
     @staticmethod
     def _parameters(job: Job, seed: int) -> dict:

@@ -18,6 +18,7 @@ class WorkerSettings(QueueSettings):
     azure_sas_ttl_s: int = 7 * 24 * 3600
     azure_retry_total: int = 5
     azure_retry_backoff_s: float = 1.0
+    storage_retry_horizon_s: float = 600.0  # keep retrying a failed upload this long before failing the job
     image_quality: int = Field(default=90, ge=1, le=100)  # webp and jpeg
     png_parameters: bool = True  # write the generation parameters into PNG text chunks
     webhook_secret: SecretStr | None = None
