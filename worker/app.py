@@ -46,7 +46,18 @@ def register_generate_task(app: Celery, runtime: WorkerRuntime) -> None:
 
 
 class RecordingConsumer(Consumer):
-    """Celery's consumer, except that a message it cannot decode still gets a failed result."""
+    """Celery's consumer, except that a message it cannot decode still gets a failed result, and a lost
+    Redis connection is survived."""
+
+    def on_connection_error_after_connected(self, exc) -> None:
+        # Celery 5.7 closes the broken connection here; kombu 5.7.0's Redis channel then tries to restore
+        # unacknowledged messages through that dead connection and raises AttributeError, which Celery
+        # treats as unrecoverable and the worker exits. The connection is gone either way: carry on with
+        # the reconnect. Messages it could not restore come back through their lapsed leases.
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError as error:
+            log.warning("ignored %r while closing the lost broker connection; reconnecting", error)
 
     def on_decode_error(self, message, exc) -> None:
         self._record_failure(message, f"the message could not be decoded: {exc}")
