@@ -76,18 +76,24 @@ def test_store_creates_the_container_overwrites_and_can_give_public_urls(azurite
     assert service.get_container_client("fresh-container").download_blob("job/0.png").readall() == b"two"
 
 
+def storage_and_worker(redis_server, models_file, webhook_secret, tmp_path, **env):
+    """A private Azurite (stoppable) and a worker storing into it with the SDK's retries kept short."""
+    from tests.helpers import Azurite
+
+    storage = Azurite(tmp_path / "azurite").start()
+    worker = WorkerProcess(
+        redis_server.url, models_file, tmp_path / "unused", webhook_secret,
+        DIFFQUEUE_STORAGE_URL="azure://outage", AZURE_STORAGE_CONNECTION_STRING=storage.connection_string,
+        DIFFQUEUE_AZURE_RETRY_TOTAL="1", DIFFQUEUE_AZURE_RETRY_BACKOFF_S="0.1", **env,
+    ).start()
+    return storage, worker
+
+
 def test_upload_that_keeps_failing_fails_the_job_with_a_storage_error(
     redis_server, models_file, webhook_secret, tmp_path, celery_sender
 ):
-    from tests.helpers import Azurite
-
-    outage = Azurite(tmp_path / "azurite").start()
-    worker = WorkerProcess(
-        redis_server.url, models_file, tmp_path / "unused", webhook_secret,
-        DIFFQUEUE_STORAGE_URL="azure://outage", AZURE_STORAGE_CONNECTION_STRING=outage.connection_string,
-        DIFFQUEUE_AZURE_RETRY_TOTAL="1", DIFFQUEUE_AZURE_RETRY_BACKOFF_S="0.1",
-        DIFFQUEUE_STORAGE_RETRY_HORIZON_S="3",
-    ).start()
+    outage, worker = storage_and_worker(redis_server, models_file, webhook_secret, tmp_path,
+                                        DIFFQUEUE_STORAGE_RETRY_HORIZON_S="3")
     try:
         outage.stop()
         result = wait_result(celery_sender, worker.send(celery_sender, {"prompt": "x", "seed": 1}))
@@ -101,14 +107,7 @@ def test_upload_that_keeps_failing_fails_the_job_with_a_storage_error(
 def test_storage_outage_then_recovery_completes_the_job(
     redis_server, models_file, webhook_secret, tmp_path, celery_sender
 ):
-    from tests.helpers import Azurite
-
-    storage = Azurite(tmp_path / "azurite").start()
-    worker = WorkerProcess(
-        redis_server.url, models_file, tmp_path / "unused", webhook_secret,
-        DIFFQUEUE_STORAGE_URL="azure://outage", AZURE_STORAGE_CONNECTION_STRING=storage.connection_string,
-        DIFFQUEUE_AZURE_RETRY_TOTAL="1", DIFFQUEUE_AZURE_RETRY_BACKOFF_S="0.1",
-    ).start()
+    storage, worker = storage_and_worker(redis_server, models_file, webhook_secret, tmp_path)
     try:
         storage.stop()
         job_id = worker.send(celery_sender, {"prompt": "waits for storage", "seed": 3})

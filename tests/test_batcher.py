@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from diffqueue.producer.models import GenerationRequest, Mode
-from diffqueue.worker.batcher import Batcher, JobCanceled
+from diffqueue.worker.batcher import Batcher, JobCanceled, JobExpired
 from diffqueue.worker.jobs import BatchKey
 
 
@@ -21,7 +21,7 @@ def job(job_id: str, model: str = "m", side: int = 64, images: int = 1, priority
     return FakeJob(
         id=job_id, key=BatchKey(model, Mode.txt2img, side, side, 4, None, ()), priority=priority,
         received_at=time.time(), request=GenerationRequest(prompt="x", num_images=images),
-        pixels=side * side * images,
+        pixels=side * side * images, expired=lambda: job_id.startswith("expired"),
     )
 
 
@@ -92,11 +92,11 @@ def test_a_failing_batch_is_split_so_only_the_bad_job_fails():
         ["image-of-first"], ["image-of-ok1"], ["image-of-ok2"], ["image-of-ok3"]]
 
 
-def test_canceled_jobs_never_reach_the_gpu():
+def test_canceled_and_expired_jobs_never_reach_the_gpu():
     recorder = Recorder()
     batcher = Batcher(recorder, max_batch=8, max_batch_pixels=10**9, is_canceled=lambda i: i == "gone")
-    outcomes = run(batcher, recorder, job("first"), [job("gone"), job("kept")])
-    assert isinstance(outcomes[1], JobCanceled)
+    outcomes = run(batcher, recorder, job("first"), [job("gone"), job("expired-1"), job("kept")])
+    assert isinstance(outcomes[1], JobCanceled) and isinstance(outcomes[2], JobExpired)
     assert recorder.batches[1:] == [["kept"]]
 
 
