@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
 import shutil
 import subprocess
 import sys
@@ -87,20 +86,15 @@ def test_a_revision_missing_from_the_cache_fails_offline_without_network(hub_cac
         ModelRegistry(config, "cpu", cache_dir=str(hub_cache)).prepare()
 
 
-class Booby:
-    """Unpickling this would create a marker file: proof that nothing unpickles the weights."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
+def booby_trapped_pickle(marker: Path) -> bytes:
+    """A protocol-0 pickle that calls open(marker, "w") when unpickled: proof that nothing unpickles it."""
+    return f"cbuiltins\nopen\n(V{marker}\nVw\ntR.".encode()
 
 
 def test_pickle_only_model_is_refused_and_never_unpickled(tmp_path):
     folder = write_tiny_model(tmp_path / "pickled", "sd", safe_serialization=False)
     marker = tmp_path / "unpickled.marker"
-    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Booby(marker)))
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(booby_trapped_pickle(marker))
     assert not list((folder / "unet").glob("*.safetensors"))  # transformers writes safetensors regardless
     config = models_file(tmp_path, f'default = "p"\n[models.p]\nsource = "{folder}"\n')
 
@@ -164,6 +158,7 @@ def test_lora_from_a_pinned_hub_revision_and_pickle_loras_refused(hub_cache, tmp
     assert lora_file("style", pinned, str(hub_cache)) == snapshot / "style.safetensors"
 
     pickled = tmp_path / "style.bin"
-    pickled.write_bytes(pickle.dumps({"weights": 1}))
+    pickled.write_bytes(booby_trapped_pickle(tmp_path / "lora.marker"))
     with pytest.raises(UnsafeWeights, match="not a .safetensors file"):
         lora_file("old", LoraSpec(source=str(pickled)), None)
+    assert not (tmp_path / "lora.marker").exists()

@@ -58,33 +58,30 @@ class ModelLimits(BaseModel):
     max_images: int = 4
 
 
-class ModelSpec(BaseModel):
+class SourceSpec(BaseModel):
+    """Where files come from: a local path (starting with . or /) or a Hub repo id pinned by revision."""
+
     model_config = ConfigDict(extra="forbid")
 
     source: str
     revision: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.source.startswith((".", "/"))
+
+
+class ModelSpec(SourceSpec):
     dtype: str = "float32"
     variant: str | None = None
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
     limits: ModelLimits = Field(default_factory=ModelLimits)
 
-    @property
-    def is_local(self) -> bool:
-        return self.source.startswith((".", "/"))
 
-
-class LoraSpec(BaseModel):
+class LoraSpec(SourceSpec):
     """A LoRA adapter: a .safetensors file, or a Hub repo (pinned by revision) holding one."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    source: str
     weight_name: str | None = None  # the file inside a folder or repo; required when it holds several
-    revision: str | None = None
-
-    @property
-    def is_local(self) -> bool:
-        return self.source.startswith((".", "/"))
 
 
 class ModelsFile(BaseModel):
