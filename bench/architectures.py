@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from diffqueue.worker.tiny_models import build_clip_tokenizer, build_qwen_tokenizer
 
 ARCHITECTURES = ("sd-turbo", "sdxl", "z-image")

@@ -7,7 +7,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-
 from diffqueue.producer.models import GenerationRequest, Mode
 from diffqueue.worker.batcher import Batcher, JobCanceled, JobExpired
 from diffqueue.worker.jobs import BatchKey

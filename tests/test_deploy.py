@@ -13,9 +13,9 @@ import httpx
 import pytest
 import redis
 import yaml
+from diffqueue.producer import Client, GenerationRequest, QueueSettings, queue_list_names
 
 from diffqueue.local_redis import free_port
-from diffqueue.producer import Client, GenerationRequest, QueueSettings, queue_list_names
 from tests.helpers import WorkerProcess, wait_for, wait_result
 
 ROOT = Path(__file__).resolve().parent.parent

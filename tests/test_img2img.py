@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import TINY_MODELS
 from tests.helpers import max_pixel_difference, read_image, wait_result
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from diffqueue.worker.registry import ModelRegistry, ModelsFile, UnsafeWeights
 from diffqueue.worker.tiny_models import write_tiny_model
+from safetensors.torch import load_file
+
 from tests.helpers import WorkerProcess, read_image, wait_result
 
 SHA_V1 = "1" * 40

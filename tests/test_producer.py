@@ -8,6 +8,7 @@ import sys
 import uuid
 
 from diffqueue.producer import Client, GenerationRequest, QueueSettings
+
 from tests.helpers import wait_for, webhook_bodies
 
 

@@ -140,6 +140,7 @@ def test_expired_job_fails_with_expired_and_a_webhook(worker, celery_sender, htt
     from datetime import datetime, timedelta, timezone
 
     from diffqueue.producer import Client, GenerationRequest, QueueSettings
+
     from tests.helpers import webhook_bodies
 
     httpserver.expect_request("/hooks/expired").respond_with_data("ok")
@@ -185,8 +186,9 @@ def test_poison_message_fails_once_terminally_after_max_deliveries(
 
 
 def test_redis_restart_loses_no_submitted_job(models_file, webhook_secret, tmp_path):
-    from diffqueue.local_redis import LocalRedis
     from diffqueue.producer import Client, GenerationRequest, QueueSettings
+
+    from diffqueue.local_redis import LocalRedis
 
     with LocalRedis(tmp_path / "redis") as server:  # its own server: the others keep running undisturbed
         worker = WorkerProcess(server.url, models_file, tmp_path / "a", webhook_secret, **LEASE).start()

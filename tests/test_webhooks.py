@@ -8,13 +8,13 @@ import time
 
 import pytest
 import redis
+from diffqueue.producer.connection import RedisKeys
+from diffqueue.producer.models import JobResult, JobState
+from diffqueue.worker.webhooks import WebhookDispatcher, WebhookOutbox, retry_delay, webhook_id
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
 from diffqueue.local_redis import free_port
-from diffqueue.producer.connection import RedisKeys
-from diffqueue.producer.models import JobResult, JobState
-from diffqueue.worker.webhooks import WebhookDispatcher, WebhookOutbox, retry_delay, webhook_id
 from tests.helpers import wait_for, webhook_bodies
 
 

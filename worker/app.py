@@ -7,7 +7,6 @@ import logging
 from celery import Celery
 from celery.signals import worker_shutting_down
 from celery.worker.consumer import Consumer
-
 from diffqueue.producer.connection import create_celery_app
 from diffqueue.producer.models import TASK_NAME, ErrorInfo, JobResult, JobState
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import io
 import json
 
+from diffqueue.producer.models import OutputFormat
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-
-from diffqueue.producer.models import OutputFormat
 
 CONTENT_TYPES = {OutputFormat.png: "image/png", OutputFormat.webp: "image/webp", OutputFormat.jpeg: "image/jpeg"}
 EXTENSIONS = {OutputFormat.png: "png", OutputFormat.webp: "webp", OutputFormat.jpeg: "jpg"}

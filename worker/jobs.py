@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import secrets
 import time
-from datetime import timezone
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timezone
 from typing import Any
 
-from PIL import Image
-
-from pydantic import ValidationError
-
 from diffqueue.producer.models import MAX_SEED, GenerationRequest, Mode
+from PIL import Image
+from pydantic import ValidationError
 
 from .registry import ModelInfo, ModelRegistry
 from .samplers import BatchShape, Sample

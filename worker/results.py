@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from celery import Celery, states
-
 from diffqueue.producer.client import QUEUED_STATE, RUNNING_STATE
 from diffqueue.producer.models import JobResult, JobState
 

@@ -11,22 +11,19 @@ from typing import Any
 
 import redis
 import tenacity
+import torch
 from celery import Celery
-
+from celery.exceptions import Reject
 from diffqueue.producer.connection import RedisKeys
 from diffqueue.producer.models import ErrorInfo, ImageInfo, JobResult, JobState, Timings, WebhookEventType
 
-from celery.exceptions import Reject
-
-import torch
-
 from .batcher import Batcher, BatchOutcome, JobCanceled, JobExpired, JobReturned
 from .generation import BatchRunner
-from .metrics import HealthServer, Metrics, gauge
 from .images import CONTENT_TYPES, EXTENSIONS, encode_image
 from .inputs import fetch_image
-from .lease import LeaseRenewer
 from .jobs import Job, JobError, parse_request, resolve_job
+from .lease import LeaseRenewer
+from .metrics import HealthServer, Metrics, gauge
 from .registry import ModelRegistry, ModelsFile
 from .results import ResultStore
 from .settings import WorkerSettings

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
-
 from diffqueue.producer.settings import QueueSettings
+from pydantic import Field, SecretStr
 
 
 class WorkerSettings(QueueSettings):

@@ -154,7 +154,12 @@ def build_sdxl(family: str, size: Size, seed: int = 0):
 
 
 def build_zimage(size: Size, seed: int = 0):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3Model
 
     dim = 32 if size == "tiny" else 64

@@ -21,11 +21,10 @@ from datetime import datetime, timezone
 
 import httpx
 import redis
-from pydantic import BaseModel
-from standardwebhooks import Webhook
-
 from diffqueue.producer.connection import RedisKeys
 from diffqueue.producer.models import JobResult, WebhookEventType, WebhookPayload
+from pydantic import BaseModel
+from standardwebhooks import Webhook
 
 from .url_guard import UnsafeURL, check_url
 

@@ -7,9 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
-
 from diffqueue.producer.models import Mode
+from PIL import Image
 
 
 @dataclass(frozen=True)

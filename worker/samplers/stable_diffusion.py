@@ -7,9 +7,9 @@ Epsilon and v-prediction are both handled by the scheduler.
 from __future__ import annotations
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -53,7 +53,7 @@ class StableDiffusionSampler(Sampler):
 
     @torch.no_grad()
     def __call__(self, samples: list[Sample], shape: BatchShape) -> list[Image.Image]:
-        pipe, device = self.pipeline, self.device
+        pipe = self.pipeline
         cfg = self.cfg_indices(samples)
         positive = self.encode([s.prompt for s in samples])
         # Stock SD encodes a missing negative prompt as "".

@@ -7,10 +7,9 @@ negative prompt gets zero negative embeddings, exactly as stock SDXL gives it, w
 from __future__ import annotations
 
 import torch
+from diffqueue.producer.models import Mode
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from PIL import Image
-
-from diffqueue.producer.models import Mode
 
 from .base import BatchShape, Sample, cpu_generators, fresh_scheduler
 from .stable_diffusion import StableDiffusionSampler, step_kwargs

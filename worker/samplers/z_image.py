@@ -7,6 +7,7 @@ captions only for samples with guidance > 0: the others pay nothing for CFG.
 from __future__ import annotations
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.z_image.pipeline_z_image import (
     calculate_shift,
     get_default_z_image_sigmas,
@@ -15,8 +16,6 @@ from diffusers.pipelines.z_image.pipeline_z_image import (
 from diffusers.pipelines.z_image.pipeline_z_image_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-
-from diffusers.image_processor import VaeImageProcessor
 
 from .base import BatchShape, Inpainting, Sample, Sampler, cpu_generators, encode_per_job, fresh_scheduler
 
