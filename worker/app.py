@@ -26,6 +26,7 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
         worker_pool="threads",
         worker_concurrency=settings.celery_concurrency,
         worker_consumer=f"{__name__}:RecordingConsumer",
+        broker_transport="diffqueue.worker.broker:Transport",  # survives a Redis restart (see broker.py)
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -45,18 +46,7 @@ def register_generate_task(app: Celery, runtime: WorkerRuntime) -> None:
 
 
 class RecordingConsumer(Consumer):
-    """Celery's consumer, except that a message it cannot decode still gets a failed result, and a lost
-    Redis connection is survived."""
-
-    def on_connection_error_after_connected(self, exc) -> None:
-        # Celery 5.7 closes the broken connection here; kombu 5.7.0's Redis channel then tries to restore
-        # unacknowledged messages through that dead connection and raises AttributeError, which Celery
-        # treats as unrecoverable and the worker exits. The connection is gone either way: carry on with
-        # the reconnect. Messages it could not restore come back through their lapsed leases.
-        try:
-            super().on_connection_error_after_connected(exc)
-        except AttributeError as error:
-            log.warning("ignored %r while closing the lost broker connection; reconnecting", error)
+    """Celery's consumer, except that a message it cannot decode still gets a failed result."""
 
     def on_decode_error(self, message, exc) -> None:
         self._record_failure(message, f"the message could not be decoded: {exc}")
