@@ -92,6 +92,12 @@ class Job:
         ]
 
 
+def raw_field(kwargs: Any, name: str) -> Any:
+    """A field of a message's request that may not validate: None unless kwargs['request'] is a dict."""
+    raw = kwargs.get("request") if isinstance(kwargs, dict) else None
+    return raw.get(name) if isinstance(raw, dict) else None
+
+
 def parse_request(args: tuple, kwargs: dict[str, Any]) -> GenerationRequest:
     if args:
         raise JobError("invalid_request", "positional arguments are not accepted; send kwargs={'request': {...}}",
@@ -108,8 +114,7 @@ def parse_request(args: tuple, kwargs: dict[str, Any]) -> GenerationRequest:
     except ValidationError as error:
         first = error.errors()[0]
         field_name = ".".join(str(part) for part in first["loc"]) or "request"
-        return_msg = f"{field_name}: {first['msg']}"
-        raise JobError("invalid_request", return_msg, field_name) from None
+        raise JobError("invalid_request", f"{field_name}: {first['msg']}", field_name) from None
 
 
 FetchImage = Callable[[str, str], Image.Image]  # (url, field name) -> image

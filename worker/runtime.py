@@ -21,7 +21,7 @@ from .batcher import Batcher, BatchOutcome, JobCanceled, JobExpired, JobReturned
 from .generation import BatchRunner
 from .images import CONTENT_TYPES, EXTENSIONS, encode_image
 from .inputs import fetch_image
-from .jobs import Job, JobError, parse_request, resolve_job
+from .jobs import Job, JobError, parse_request, raw_field, resolve_job
 from .lease import LeaseRenewer
 from .metrics import HealthServer, Metrics, gauge
 from .registry import ModelRegistry, ModelsFile
@@ -270,8 +270,7 @@ class WorkerRuntime:
 
     def _maybe_crash(self, kwargs: dict[str, Any]) -> None:
         """Fault injection for the poison-message test: die like a native crash would, no cleanup."""
-        raw = kwargs.get("request") if isinstance(kwargs, dict) else None
-        prompt = raw.get("prompt") if isinstance(raw, dict) else None
+        prompt = raw_field(kwargs, "prompt")
         if self.settings.fault_crash_on_prompt is not None and prompt == self.settings.fault_crash_on_prompt:
             log.error("fault injection: crashing on prompt %r", prompt)
             os._exit(70)
@@ -301,8 +300,7 @@ class WorkerRuntime:
 
     def _raw_callback(self, kwargs: dict[str, Any]) -> str | None:
         """The callback of a request that may fail validation, if it is usable at all."""
-        raw = kwargs.get("request") if isinstance(kwargs, dict) else None
-        url = raw.get("callback_url") if isinstance(raw, dict) else None
+        url = raw_field(kwargs, "callback_url")
         try:
             return self._checked_callback(url) if isinstance(url, str) else None
         except JobError:
@@ -310,6 +308,5 @@ class WorkerRuntime:
 
     @staticmethod
     def _raw_metadata(kwargs: dict[str, Any]) -> dict:
-        raw = kwargs.get("request") if isinstance(kwargs, dict) else None
-        metadata = raw.get("metadata") if isinstance(raw, dict) else None
+        metadata = raw_field(kwargs, "metadata")
         return metadata if isinstance(metadata, dict) else {}
