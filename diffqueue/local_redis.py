@@ -50,13 +50,15 @@ class LocalRedis:
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """Shut down (SIGTERM), or die at once (SIGKILL): with fsync always, neither loses a write."""
         if self.process and self.process.poll() is None:
-            self.process.terminate()
+            self.process.kill() if kill else self.process.terminate()
             self.process.wait(timeout=10)
 
-    def restart(self) -> None:
-        self.stop()
+    def restart(self, down_s: float = 0.0, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        time.sleep(down_s)
         self.start()
 
     def __enter__(self) -> "LocalRedis":

@@ -11,10 +11,9 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import redis
 from celery import states
 
-from .connection import RedisKeys, create_celery_app
+from .connection import RedisKeys, create_celery_app, redis_client
 from .models import TASK_NAME, GenerationRequest, JobResult, JobState
 from .settings import QueueSettings
 
@@ -44,7 +43,7 @@ class Client:
     def __init__(self, settings: QueueSettings | None = None, **overrides: Any) -> None:
         self.settings = settings or QueueSettings(**overrides)
         self.app = create_celery_app(self.settings, main="diffqueue-producer")
-        self.redis = redis.Redis.from_url(self.settings.broker_url)
+        self.redis = redis_client(self.settings.broker_url, self.settings.redis_retry_horizon_s)
         self.keys = RedisKeys(self.settings.key_prefix)
 
     def submit(

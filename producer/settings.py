@@ -21,6 +21,8 @@ class QueueSettings(BaseSettings):
     # A held job returns to the queue this long after its worker stops renewing its lease (worker/lease.py).
     visibility_timeout_s: int = 60
     restore_interval_s: int = 10  # how often consuming workers look for lapsed leases
+    # Redis commands, publishing and result reads/writes retry connection errors for at least this long.
+    redis_retry_horizon_s: float = 120.0
 
     @property
     def result_backend_url(self) -> str:

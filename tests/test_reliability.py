@@ -184,3 +184,25 @@ def test_poison_message_fails_once_terminally_after_max_deliveries(
     finally:
         worker.stop()
 
+
+
+def test_redis_restart_loses_no_submitted_job(models_file, webhook_secret, tmp_path):
+    from diffqueue.local_redis import LocalRedis
+    from diffqueue.producer import Client, GenerationRequest, QueueSettings
+
+    with LocalRedis(tmp_path / "redis") as server:  # its own server: the others keep running undisturbed
+        worker = WorkerProcess(server.url, models_file, tmp_path / "a", webhook_secret, **LEASE).start()
+        client = Client(QueueSettings(broker_url=server.url, queue=worker.queue, visibility_timeout_s=6,
+                                      restore_interval_s=2))
+        try:
+            before = [client.submit(GenerationRequest(prompt=f"before {i}", seed=i)) for i in range(6)]
+            wait_for(lambda: unacked(server.url) > 0, timeout=30)
+            server.restart(down_s=8, kill=True)  # longer than the lease: held jobs must not run twice
+            after = [client.submit(GenerationRequest(prompt=f"after {i}", seed=i)) for i in range(4)]
+            results = [client.wait(job_id, timeout=180) for job_id in before + after]
+            assert [r.status.value for r in results] == ["succeeded"] * 10
+            assert worker.process.poll() is None, "the worker survived the restart"
+            assert runs_once_each([worker], before + after) == [1] * 10
+        finally:
+            client.close()
+            worker.stop()

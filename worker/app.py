@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from celery import Celery
+from celery.exceptions import BackendError, Reject
 from celery.signals import worker_shutting_down
 from celery.worker.consumer import Consumer
+from kombu.exceptions import OperationalError
 from diffqueue.producer.connection import create_celery_app
 from diffqueue.producer.models import TASK_NAME, ErrorInfo, JobResult, JobState
 
@@ -15,6 +18,9 @@ from .runtime import WorkerRuntime
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+# Redis still unreachable after the retry horizon (DIFFQUEUE_REDIS_RETRY_HORIZON_S).
+REDIS_UNAVAILABLE = (redis.RedisError, BackendError, OperationalError)
 
 
 def create_worker_app(settings: WorkerSettings) -> Celery:
@@ -27,6 +33,8 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
         worker_concurrency=settings.celery_concurrency,
         worker_consumer=f"{__name__}:RecordingConsumer",
         broker_transport="diffqueue.worker.broker:Transport",  # survives a Redis restart (see broker.py)
+        broker_transport_options={**app.conf.broker_transport_options,
+                                  "retry_horizon_s": settings.redis_retry_horizon_s},
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -42,7 +50,13 @@ def register_generate_task(app: Celery, runtime: WorkerRuntime) -> None:
     def generate(self, *args, **kwargs) -> dict:
         # Any args are accepted here so that a malformed message still ends in a recorded failure.
         priority = (self.request.delivery_info or {}).get("priority") or 0
-        return runtime.handle(self.request.id, args, kwargs, priority)
+        try:
+            return runtime.handle(self.request.id, args, kwargs, priority)
+        except REDIS_UNAVAILABLE as error:
+            # A plain exception would make Celery ack (and so lose) the job. Requeue it; if Redis is too far
+            # gone even for that, the unacknowledged message comes back when its lease lapses.
+            log.error("job %s: Redis unavailable (%s); returning it to the queue", self.request.id, error)
+            raise Reject(f"redis unavailable: {error}", requeue=True) from error
 
 
 class RecordingConsumer(Consumer):

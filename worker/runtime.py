@@ -14,7 +14,7 @@ import tenacity
 import torch
 from celery import Celery
 from celery.exceptions import Reject
-from diffqueue.producer.connection import RedisKeys
+from diffqueue.producer.connection import RedisKeys, redis_client
 from diffqueue.producer.models import ErrorInfo, ImageInfo, JobResult, JobState, Timings, WebhookEventType
 
 from .batcher import Batcher, BatchOutcome, JobCanceled, JobExpired, JobReturned
@@ -40,6 +40,14 @@ TERMINAL_EVENTS: dict[JobState, WebhookEventType] = {
 }
 
 
+def cancel_requested(client: redis.Redis, keys: RedisKeys, job_id: str) -> bool:
+    try:
+        return bool(client.exists(keys.cancel(job_id)))
+    except redis.RedisError as error:
+        log.warning("could not check whether job %s was canceled (%s); running it", job_id, error)
+        return False
+
+
 @dataclass
 class WorkerRuntime:
     settings: WorkerSettings
@@ -58,7 +66,9 @@ class WorkerRuntime:
 
     @classmethod
     def create(cls, settings: WorkerSettings, app: Celery) -> "WorkerRuntime":
-        client = redis.Redis.from_url(settings.broker_url)
+        client = redis_client(settings.broker_url, settings.redis_retry_horizon_s)
+        # The GPU thread must not wait out a Redis outage for a cancel check: one try, then assume not canceled.
+        quick_client = redis_client(settings.broker_url, retry_horizon_s=0)
         keys = RedisKeys(settings.key_prefix)
         metrics = Metrics()
         device = settings.resolved_device()
@@ -77,7 +87,7 @@ class WorkerRuntime:
             dispatcher = WebhookDispatcher(outbox, poll_s=settings.webhook_poll_s)
         batcher = Batcher(
             BatchRunner(registry, metrics, settings.fault_oom_above_batch), settings.max_batch, settings.max_batch_pixels, settings.max_wait_ms,
-            is_canceled=lambda job_id: bool(client.exists(keys.cancel(job_id))),
+            is_canceled=lambda job_id: cancel_requested(quick_client, keys, job_id),
             is_resident=registry.is_resident, max_model_wait_s=settings.max_model_wait_s,
         )
         unacked_index = app.conf.broker_transport_options.get("unacked_index_key", "unacked_index")
