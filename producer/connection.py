@@ -90,6 +90,9 @@ class RedisKeys:
     def webhook(self, delivery_id: str) -> str:
         return f"{self.prefix}:webhooks:item:{delivery_id}"
 
+    def webhook_enqueued(self, delivery_id: str) -> str:
+        return f"{self.prefix}:webhooks:enqueued:{delivery_id}"
+
     @property
     def webhook_dead(self) -> str:
         return f"{self.prefix}:webhooks:dead"

@@ -57,6 +57,19 @@ def test_500_then_200_is_delivered_with_a_stable_webhook_id(make_outbox, httpser
     assert len(httpserver.log) == 3, "a delivered event is not sent again"
 
 
+def test_an_event_is_enqueued_once_however_often_the_job_is_redelivered(make_outbox, httpserver, webhook_secret):
+    httpserver.expect_request("/once").respond_with_data("ok")
+    outbox = make_outbox()
+    assert outbox.enqueue(httpserver.url_for("/once"), "job.succeeded", result("redelivered-job")) is True
+    wait_for(lambda: len(httpserver.log) == 1)
+    # A re-delivered job that finds its terminal result calls enqueue again, before and after delivery.
+    assert outbox.enqueue(httpserver.url_for("/once"), "job.succeeded", result("redelivered-job")) is False
+    assert outbox.enqueue(httpserver.url_for("/once"), "job.failed", result("redelivered-job")) is True
+    wait_for(lambda: len(httpserver.log) == 2)
+    time.sleep(1.0)
+    assert [b["type"] for b in webhook_bodies(httpserver, webhook_secret)] == ["job.succeeded", "job.failed"]
+
+
 def test_receiver_down_then_up(make_outbox, keys, webhook_secret):
     port = free_port()
     outbox = make_outbox()

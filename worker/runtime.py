@@ -81,7 +81,7 @@ class WorkerRuntime:
                 timeout_s=settings.webhook_timeout_s, horizon_s=settings.webhook_retry_horizon_s,
                 base_s=settings.webhook_retry_base_s, max_s=settings.webhook_retry_max_s,
                 allow_private=settings.allow_private_urls, allow_hosts=tuple(settings.url_allow_list),
-                lease_s=settings.webhook_lease_s,
+                lease_s=settings.webhook_lease_s, enqueued_ttl_s=settings.result_ttl_s,
                 observe=lambda event, result, seconds: metrics.webhook.labels(event, result).observe(seconds),
             )
             dispatcher = WebhookDispatcher(outbox, poll_s=settings.webhook_poll_s)
@@ -164,11 +164,12 @@ class WorkerRuntime:
 
     def handle(self, job_id: str, args: tuple, kwargs: dict[str, Any], priority: int = 0) -> dict:
         received_at = time.time()
+        callback = self._raw_callback(kwargs)
         existing = self.results.terminal(job_id)
         if existing is not None:
             log.info("job %s already %s; not running it again", job_id, existing.status.value)
+            self._notify(callback, existing)  # in case a worker died between recording it and notifying
             return existing.model_dump(mode="json")
-        callback = self._raw_callback(kwargs)
         deliveries = self._count_delivery(job_id)
         if deliveries > self.settings.max_deliveries:
             poison = JobResult(id=job_id, status=JobState.failed, metadata=self._raw_metadata(kwargs), error=ErrorInfo(
@@ -272,11 +273,14 @@ class WorkerRuntime:
             self.metrics.queue_wait.observe(result.timings.queued)
         if result.timings.upload is not None:
             self.metrics.upload.observe(result.timings.upload)
-        if callback and self.outbox:
-            self.outbox.enqueue(callback, TERMINAL_EVENTS[result.status], result)
+        self._notify(callback, result)
         log.info("job %s %s%s", result.id, result.status.value,
                  f" ({result.error.code}: {result.error.message})" if result.error else "")
         return result.model_dump(mode="json")
+
+    def _notify(self, callback: str | None, result: JobResult) -> None:
+        if callback and self.outbox:
+            self.outbox.enqueue(callback, TERMINAL_EVENTS[result.status], result)
 
     def _maybe_crash(self, kwargs: dict[str, Any]) -> None:
         """Fault injection for the poison-message test: die like a native crash would, no cleanup."""

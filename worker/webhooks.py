@@ -41,6 +41,17 @@ return ids
 """
 
 
+# Enqueue a delivery once per (job, event), however often the job is re-delivered: KEYS marker, item, due.
+ENQUEUE_ONCE_SCRIPT = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  redis.call('SET', KEYS[2], ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+  return 1
+end
+return 0
+"""
+
+
 class Delivery(BaseModel):
     id: str
     url: str
@@ -95,10 +106,12 @@ class WebhookOutbox:
         allow_private: bool = False,
         allow_hosts: tuple[str, ...] = (),
         lease_s: float = LEASE_S,
+        enqueued_ttl_s: int = 7 * 24 * 3600,
         observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.redis = client
         self.lease_s = lease_s
+        self.enqueued_ttl_s = enqueued_ttl_s
         self.observe = observe or (lambda event, result, seconds: None)
         self.keys = keys
         self.signer = Webhook(secret) if secret else None  # None: can list and replay, not deliver
@@ -109,17 +122,21 @@ class WebhookOutbox:
         self.allow_private = allow_private
         self.allow_hosts = allow_hosts
         self._claim = self.redis.register_script(CLAIM_SCRIPT)
+        self._enqueue_once = self.redis.register_script(ENQUEUE_ONCE_SCRIPT)
         self._http = httpx.Client(timeout=timeout_s, follow_redirects=False)
 
-    def enqueue(self, url: str, event_type: WebhookEventType, result: JobResult) -> str:
+    def enqueue(self, url: str, event_type: WebhookEventType, result: JobResult) -> bool:
+        """Queue the event for delivery, once per (job, event): a re-delivered job may call this again, and
+        gets False. Returns whether this call queued it."""
         now = time.time()
         horizon = self.horizon_s if event_type != "job.started" else STARTED_HORIZON_S
         delivery = Delivery(
             id=webhook_id(result.id, event_type), url=url, event_type=event_type,
             body=build_body(event_type, result), created_at=now, deadline=now + horizon,
         )
-        self._save(delivery, due=now)
-        return delivery.id
+        keys = [self.keys.webhook_enqueued(delivery.id), self.keys.webhook(delivery.id), self.keys.webhook_due]
+        return bool(self._enqueue_once(keys=keys, args=[self.enqueued_ttl_s, delivery.model_dump_json(), now,
+                                                        delivery.id]))
 
     def _save(self, delivery: Delivery, due: float) -> None:
         pipe = self.redis.pipeline()
