@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build on machines without a GPU; override for CUDA, e.g. TORCH_SPEC="torch==2.13.0".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench lint clean redis-server
+.PHONY: demo test faults bench lint clean redis-server
 AZURITE := .tools/node_modules/.bin/azurite-blob
 
 $(STAMP): pyproject.toml
@@ -35,6 +35,10 @@ demo: $(STAMP) redis-server
 test: $(STAMP) redis-server $(AZURITE)
 	$(PY) -m pytest tests -q
 
+# The long fault-injection run (the short one is part of `make test`); its table also lands in faults-report.md.
+faults: $(STAMP) redis-server $(AZURITE)
+	DIFFQUEUE_FAULTS=long DIFFQUEUE_FAULTS_REPORT=faults-report.md $(PY) -m pytest tests/faults -q
+
 bench: $(STAMP) redis-server
 	$(PY) -m bench.run
 
@@ -42,4 +46,4 @@ lint: $(STAMP)
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cpu
 
 clean:
-	rm -rf .demo bench/results .pytest_cache .tools
+	rm -rf .demo bench/results .pytest_cache .tools faults-report.md
