@@ -16,6 +16,7 @@ A supervisor restarts every worker the suite kills or stops, as Azure Container 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal
 import threading
@@ -30,7 +31,9 @@ from celery import states
 from diffqueue.local_redis import LocalRedis
 from diffqueue.producer import Client, GenerationRequest, QueueSettings
 from diffqueue.producer.models import TASK_NAME
+import redis
 from kombu import Connection
+from kombu.exceptions import OperationalError
 
 from tests.faults.payloads import Malformed, malformed_messages
 from tests.faults.receiver import WebhookReceiver
@@ -68,6 +71,7 @@ class Expected:
     codes: tuple[str, ...] = ()
     field: str | None = None
     webhook: bool = False
+    submitted_at: str = dataclasses.field(default_factory=lambda: time.strftime("%H:%M:%S"))
 
 
 @dataclass
@@ -321,7 +325,10 @@ class FaultSuite:
         """The worker holding the most jobs, once one holds at least two (more are sent until one does)."""
         def busiest():
             by_host = {w.hostname: w for w in self.workers if w.process.poll() is None}
-            active = self.client.app.control.inspect(timeout=1.0, limit=len(by_host)).active() or {}
+            try:
+                active = self.client.app.control.inspect(timeout=1.0, limit=len(by_host)).active() or {}
+            except (redis.ConnectionError, OperationalError):  # a stale broadcast connection after a restart
+                return None
             held = sorted(((len(tasks), host, [t["id"] for t in tasks]) for host, tasks in active.items()
                            if host in by_host), reverse=True)
             if held and held[0][0] >= 2:
@@ -362,7 +369,7 @@ class FaultSuite:
     def _collect(self) -> None:
         report = self.report
         progress(f"all {len(report.expected)} jobs submitted; waiting for every result and webhook")
-        self._wait_terminal(list(report.expected), timeout=300)
+        self._wait_terminal(list(report.expected), timeout=180)
         for job_id in report.expected:
             result = self._terminal(job_id)
             if result is not None:
