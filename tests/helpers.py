@@ -187,7 +187,11 @@ class Azurite:
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(timeout=10)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # busy Azurite can ignore SIGTERM for a while
+                self.process.kill()
+                self.process.wait()
 
 
 def _port_open(socket, port: int) -> bool:
