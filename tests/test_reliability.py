@@ -187,8 +187,9 @@ def test_poison_message_fails_once_terminally_after_max_deliveries(
 
 
 def test_redis_restart_loses_no_submitted_job(models_file, webhook_secret, tmp_path):
-    from diffqueue.local_redis import LocalRedis
     from diffqueue.producer import Client, GenerationRequest, QueueSettings
+
+    from diffqueue.local_redis import LocalRedis
 
     with LocalRedis(tmp_path / "redis") as server:  # its own server: the others keep running undisturbed
         worker = WorkerProcess(server.url, models_file, tmp_path / "a", webhook_secret, **LEASE).start()

@@ -9,9 +9,9 @@ from celery import Celery
 from celery.exceptions import BackendError, Reject
 from celery.signals import worker_shutting_down
 from celery.worker.consumer import Consumer
-from kombu.exceptions import OperationalError
 from diffqueue.producer.connection import create_celery_app
 from diffqueue.producer.models import TASK_NAME, ErrorInfo, JobResult, JobState
+from kombu.exceptions import OperationalError
 
 from .results import ResultStore
 from .runtime import WorkerRuntime

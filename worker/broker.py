@@ -3,20 +3,20 @@
 
 Four holes in kombu 5.7.0's transport lose or duplicate jobs when a worker or Redis dies:
 
-0. A message is taken with BRPOP and only then recorded in the `unacked` hash. A worker SIGKILLed between
+1. A message is taken with BRPOP and only then recorded in the `unacked` hash. A worker SIGKILLed between
    the two loses the message for good (the fault suite saw 1 job lost in 3 kills). Here fetching is one
    Lua script that pops the message and records it as unacked atomically. The worker still sleeps in
    Redis while the queue is empty, on `BLMOVE queue queue RIGHT RIGHT`, which returns the tail element
    without moving it (a rotation of one list onto its own end is a no-op) as soon as there is one.
 
-1. Work on a channel whose broker connection is already gone (acking a task from before the restart,
+2. Work on a channel whose broker connection is already gone (acking a task from before the restart,
    restoring unacked messages while closing the lost connection) fails with AttributeError inside
    `_connparams`. That is not a connection error, so Celery exits the worker. Here it is a ConnectionError,
    which kombu and Celery already handle.
-2. A message is popped from the queue (BRPOP) and only then written to the `unacked` hash. If Redis goes
+3. A message is popped from the queue (BRPOP) and only then written to the `unacked` hash. If Redis goes
    away between the two, the message exists nowhere but in this process, and kombu drops it. Here the
    write is retried until Redis is back (for up to `retry_horizon_s`) before the message is delivered.
-3. Closing a lost connection re-queues every message the channel delivered, including those still
+4. Closing a lost connection re-queues every message the channel delivered, including those still
    running in this process, and after a restart any worker re-queues messages whose leases look lapsed
    only because Redis was down. Both make a job run twice. Here a closing channel leaves the messages this
    process still holds under their leases (worker/lease.py), and no worker restores lapsed leases until
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import cached_property
 from queue import Empty
 
 import redis
@@ -94,6 +95,10 @@ class Channel(kombu_redis.Channel):
     from_transport_options = kombu_redis.Channel.from_transport_options + ("retry_horizon_s",)
     retry_horizon_s: float = 120.0
 
+    @cached_property
+    def _pop_and_record(self):
+        return self.client.register_script(POP_AND_RECORD)  # EVALSHA; reloaded after a Redis restart
+
     def _brpop_start(self, timeout: float | None = None) -> None:
         """Wait (in Redis) until the first queue has a message, without taking it; see _brpop_read."""
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -117,8 +122,8 @@ class Channel(kombu_redis.Channel):
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
-        popped = self.client.eval(POP_AND_RECORD, len(self._fetch_keys) + 2, *self._fetch_keys,
-                                  self.unacked_index_key, self.unacked_key, time.time())
+        popped = self._pop_and_record(keys=[*self._fetch_keys, self.unacked_index_key, self.unacked_key],
+                                      args=[time.time()], client=self.client)
         if not popped:
             raise Empty()
         dest, item = popped

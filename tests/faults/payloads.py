@@ -10,10 +10,9 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass, field
 
+from diffqueue.producer.models import MAX_SEED, GenerationRequest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-
-from diffqueue.producer.models import MAX_SEED, GenerationRequest
 
 MODEL_ALIASES = {"sd"}
 LORA_NAMES = {"style"}

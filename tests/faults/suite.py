@@ -17,6 +17,7 @@ A supervisor restarts every worker the suite kills or stops, as Azure Container 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import signal
 import threading
@@ -27,14 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 from celery import states
-from diffqueue.local_redis import LocalRedis
 from diffqueue.producer import Client, GenerationRequest, QueueSettings
 from diffqueue.producer.models import TASK_NAME
-import redis
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
+from diffqueue.local_redis import LocalRedis
 from tests.faults.payloads import Malformed, malformed_messages
 from tests.faults.receiver import WebhookReceiver
 from tests.helpers import Azurite, WorkerProcess, wait_for
@@ -263,8 +264,6 @@ class FaultSuite:
 
     def _fault_sigterm(self, submitted: list[str]) -> None:
         victim, held = self._busiest_worker()
-        import os
-
         os.killpg(victim.process.pid, signal.SIGTERM)  # as Azure Container Apps does: every process
         stopped_at = time.monotonic()
         code = victim.process.wait(timeout=180)
